@@ -1,0 +1,8 @@
+"""DCONet in PyTorch: the model and its checkpoints."""
+from .checkpoint import (CheckpointError, from_release_state_dict, load_checkpoint, load_model,
+                         save_checkpoint, to_release_state_dict)
+from .config import DCONetConfig
+from .dconet import DCONet, StageOutput
+
+__all__ = ["DCONet", "DCONetConfig", "StageOutput", "CheckpointError", "from_release_state_dict",
+           "to_release_state_dict", "load_checkpoint", "load_model", "save_checkpoint"]

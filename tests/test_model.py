@@ -1,0 +1,162 @@
+"""DCONet against the release: reference vectors, shapes, input checks and MDCR's loop semantics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import shared_path
+from model import DCONet, DCONetConfig, from_release_state_dict, to_release_state_dict
+from model.checkpoint import _release_entries
+from model.dbem import MDCR
+
+# Tolerances of ../shared/reference/README.md for this project.
+EVAL_ATOL, TRAIN_ATOL, STATS_ATOL, GRAD_RTOL = 1e-4, 1e-4, 1e-5, 2e-2
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)
+
+
+def test_release_parameter_count():
+    model = DCONet()
+    assert model.config == DCONetConfig(stage_num=5, channels=32)
+    assert sum(p.numel() for p in model.parameters()) == 9_646_219   # the release's weights that reach an output
+    assert sum(p.numel() for p in model.stages[0].parameters()) == 1_921_871
+    assert sum(p.numel() for p in model.stages[1].parameters()) == 1_931_087
+
+
+def test_eval_outputs_match_reference(reference):
+    model = from_release_state_dict(reference["state_dict"]).eval()
+    assert model.config.stage_num == reference["stage_num"] == 2
+    with torch.no_grad():
+        D, T = model(reference["input"])
+    assert (D - reference["eval"]["D"]).abs().max() < EVAL_ATOL
+    assert (T - reference["eval"]["T"]).abs().max() < EVAL_ATOL
+
+
+def test_training_forward_and_running_stats_match_reference(reference):
+    model = from_release_state_dict(reference["state_dict"]).train()
+    with torch.no_grad():
+        D, T = model(reference["input"])
+    assert (D - reference["train"]["D"]).abs().max() < TRAIN_ATOL
+    assert (T - reference["train"]["T"]).abs().max() < TRAIN_ATOL
+    after = to_release_state_dict(model)
+    expected = reference["train"]["state_dict_after"]
+    live = [k for k in expected if ".lowrank.convs." not in k]   # the unused conv stack is not held here
+    assert len(live) > 100
+    for key in live:
+        if key.endswith("num_batches_tracked"):
+            assert after[key].item() == expected[key].item(), key   # 128 for MDCR's shared BN, 1 elsewhere
+        else:
+            assert torch.allclose(after[key], expected[key], rtol=0, atol=STATS_ATOL), key
+
+
+def test_gradients_match_reference(reference):
+    model = from_release_state_dict(reference["state_dict"]).train()
+    x = reference["input"]
+    D, T = model(x)
+    loss = torch.sigmoid(T).mean() + 0.1 * ((D - x) ** 2).mean()
+    assert abs(loss.item() - reference["loss"].item()) < 1e-5
+    loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        entries = _release_entries(name)
+        blocks = param.grad.chunk(len(entries), 0) if len(entries) > 1 else (param.grad,)
+        grads.update({release_key: g for (release_key, _), g in zip(entries, blocks)})
+    assert len(reference["grads"]) >= 12
+    for key, expected in reference["grads"].items():
+        error = ((grads[key] - expected).norm() / expected.norm()).item()
+        assert error < GRAD_RTOL, f"{key}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("stage_num, shape", [(1, (1, 1, 32, 32)), (2, (3, 1, 64, 96)), (3, (2, 1, 96, 64))])
+def test_output_shapes_and_stages(stage_num, shape):
+    torch.manual_seed(0)
+    model = DCONet(DCONetConfig(stage_num=stage_num)).eval()
+    x = torch.rand(shape)
+    with torch.no_grad():
+        D, T, stages = model(x, return_stages=True)
+        D2, T2 = model(x)
+    assert D.shape == T.shape == x.shape
+    assert len(stages) == stage_num
+    for out in stages:
+        assert out.B.shape == out.T.shape == out.D.shape == x.shape
+    assert torch.equal(stages[-1].T, T) and torch.equal(stages[-1].D, D)
+    assert torch.equal(T, T2) and torch.equal(D, D2)
+    assert torch.isfinite(T).all() and torch.isfinite(D).all()
+
+
+def test_batch_items_are_independent_in_eval_mode():
+    torch.manual_seed(1)
+    model = DCONet(DCONetConfig(stage_num=2)).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        _, T_batch = model(x)
+        _, T_one = model(x[1:2])
+    assert torch.allclose(T_batch[1:2], T_one, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, words", [
+    ((1, 1, 33, 64), ["33x64", "multiples of 32", "pad"]),
+    ((1, 1, 64, 250), ["64x250", "resize"]),
+    ((1, 64, 64), ["4-D", "(N, 1, H, W)"]),
+    ((1, 3, 64, 64), ["grayscale", "3 channels"]),
+])
+def test_bad_input_is_refused_with_a_useful_message(shape, words):
+    model = DCONet(DCONetConfig(stage_num=1)).eval()
+    with pytest.raises(ValueError) as info:
+        model(torch.rand(shape))
+    for word in words:
+        assert word in str(info.value)
+
+
+def _mdcr_as_released(mdcr: MDCR, x: torch.Tensor) -> torch.Tensor:
+    """The release's formulation: the shared 4->4 block called once per channel index, in a Python loop."""
+    chunks = torch.chunk(x, 4, dim=1)
+    ys = [branch(c) for branch, c in zip(mdcr.branches, chunks)]
+    outs = [mdcr.mix(torch.cat([y[:, i:i + 1] for y in ys], dim=1)) for i in range(ys[0].shape[1])]
+    return mdcr.out(torch.cat(outs, dim=1))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_vectorised_mdcr_keeps_the_loop_semantics(training):
+    torch.manual_seed(2)
+    fast = MDCR(64)
+    with torch.no_grad():   # make the shared BN's statistics non-trivial
+        fast.mix.norm.running_mean.uniform_(-0.5, 0.5)
+        fast.mix.norm.running_var.uniform_(0.5, 1.5)
+        fast.mix.conv.bias.uniform_(-0.5, 0.5)
+    loop = copy.deepcopy(fast)
+    fast.train(training), loop.train(training)
+    x = torch.randn(3, 64, 4, 6, requires_grad=True)
+    x_loop = x.detach().clone().requires_grad_(True)
+    y_fast, y_loop = fast(x), _mdcr_as_released(loop, x_loop)
+    assert torch.allclose(y_fast, y_loop, atol=1e-5)
+    for a, b in zip(fast.state_dict().values(), loop.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-6)
+    if training:
+        assert fast.mix.norm.num_batches_tracked.item() == 16
+        y_fast.square().sum().backward()
+        y_loop.square().sum().backward()
+        assert torch.allclose(x.grad, x_loop.grad, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(fast.mix.conv.weight.grad, loop.mix.conv.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_initialisation_follows_the_release():
+    torch.manual_seed(3)
+    model = DCONet(DCONetConfig(stage_num=2))
+    first, second = model.stages[0].bsgu, model.stages[1].bsgu
+    assert torch.all(first.epsilon == 0.01) and torch.all(first.cell_bias == 0)
+    for conv in (first.conv_x, first.gates, first.conv_out, second.conv_c):
+        assert torch.all(conv.bias == 0)
+    # each of the four fused gates is initialised as its own 32->32 xavier-normal convolution
+    std = (2.0 / (32 * 9 + 32 * 9)) ** 0.5
+    for block in first.gates.weight.chunk(4, 0):
+        assert abs(block.std().item() - std) < 0.1 * std
+    norm = model.stages[0].reconstruction.body[1]
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    conv_in = model.stages[0].dbem.conv_in.weight                       # (16, 1, 7, 7): fan_in 49, fan_out 784
+    assert abs(conv_in.std().item() - (2.0 / (49 + 784)) ** 0.5) < 0.15 * (2.0 / (49 + 784)) ** 0.5
