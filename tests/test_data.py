@@ -325,6 +325,21 @@ def test_build_datasets_gathers_problems_of_both_splits(tmp_path):
     assert "trainval_01.png" in str(caught.value) and "test_01.png" in str(caught.value)
 
 
+def test_build_datasets_writes_the_demo_set_once_and_keeps_an_existing_one(tmp_path, monkeypatch):
+    from utils import synthetic
+    written = []
+
+    def small_demo(root):
+        written.append(root)
+        return synthetic.write_dataset(root, "demo", n_trainval=4, n_test=2, size=64)
+
+    monkeypatch.setattr(synthetic, "ensure_demo_dataset", small_demo)
+    first = build_datasets(tmp_path, "demo", base_size=64)
+    assert written == [tmp_path] and (len(first.train), len(first.test)) == (4, 2)
+    build_datasets(tmp_path, "demo", base_size=64)
+    assert written == [tmp_path], "an existing demo set was written again"
+
+
 # ---------------------------------------------------------------- real data
 
 def test_nuaa_sirst_test_split_reads_including_misc_111():
