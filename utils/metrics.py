@@ -1,0 +1,419 @@
+"""Infrared small-target scores: mIoU, nIoU, Prec/Recall/F1, Pd/Fa and ROC/AUC under explicit rules.
+
+IRSTD papers disagree on what Pd and Fa mean, so every rule is a field of ``MetricConfig`` and two presets
+name the protocols of DCONET.md section 7:
+
+- ``PRESETS["paper"]`` reproduces the numbers the DCONet release prints, quirks included: maps resized to
+  256x256, segmentation on sigmoid(T) / its image max > 0.5, detection on T > 0, centroids matched closer than
+  2 px, Fa over 512*512 pixels per image, unmatched components whose area equals a matched one's not counted,
+  ROC on the max-normalised probability with images without targets left out.
+- ``PRESETS["standard"]`` is the rule set most IRSTD toolkits use: native size, sigmoid(T) > 0.5 for everything,
+  centroids closer than 3 px, Fa = unmatched predicted pixels / all pixels.
+
+Usage, in a validation loop or a scoring script (one image at a time, or a batch of tensors)::
+
+    evaluator = Evaluator(PRESETS["standard"])
+    for images, masks, names in loader:
+        T = model(images)[1]                        # logits, (N, 1, H, W)
+        evaluator.update_batch(T, masks, names)     # torch tensors or numpy arrays
+    scores = evaluator.compute()                    # {"mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC"}
+
+``update(logits (H, W), mask (H, W), name)`` takes one image. Scores are fractions and Fa a plain rate
+(papers print Fa x 1e6). ``records`` holds one ``ImageRecord`` per image and ``roc()`` the ROC curve.
+The accumulator keeps counts only, never the maps, so memory does not grow with the images' size.
+
+A quantity that cannot be measured on the images seen is NaN: Recall and Pd without any target,
+AUC without any target or any background pixel. Precision without any predicted pixel is 0.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+import cv2
+import numpy as np
+from scipy import ndimage, special
+
+Score = Literal["logit", "sigmoid", "normalised"]
+SCORES = ("logit", "sigmoid", "normalised")
+METRIC_KEYS = ("mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC")
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+class InvalidPredictionError(ValueError):
+    """A prediction or mask that cannot be scored (NaN or inf values, wrong number of dimensions)."""
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """Every rule of a scoring protocol.
+
+    Scores a threshold can apply to (``Score``): ``"logit"`` is T itself, ``"sigmoid"`` is p = sigmoid(T)
+    and ``"normalised"`` is p / max(p) over the image (the release's per-image max normalisation; an image
+    whose p is 0 everywhere stays 0). p is computed in float32, as the release's torch code does.
+
+    Args:
+        name: shown in reports.
+        size: (H, W) every prediction is resized to (bilinear, cv2.INTER_LINEAR, on the logits) together with
+            its mask (nearest); None scores each image at its prediction's own size (a mask of another size is
+            resized to it, nearest).
+        seg_score, seg_threshold: mIoU, nIoU, Prec, Recall and F1 count a pixel as predicted when
+            seg_score > seg_threshold.
+        det_score, det_threshold: Pd and Fa count a pixel as predicted when det_score > det_threshold.
+        match_radius: a target (8-connected mask component) is matched by the first not yet matched
+            predicted component, in label order, whose centroid is closer than this many pixels (strict <).
+        fa_pixels_per_image: Fa denominator per image; None uses the scored map's own pixel count.
+        fa_skip_equal_area: the release's quirk: an unmatched predicted component whose area equals the area
+            of any matched component of the same image is not counted as false alarm.
+        roc_score, roc_levels: the ROC thresholds roc_score at t = i / (roc_levels - 1), i = 0..roc_levels-1,
+            a pixel being predicted when roc_score >= t; a target is detected at t when any of its pixels is
+            predicted; the false-positive rate is over background pixels; the area is the trapezoid rule.
+        roc_skip_empty: leave images whose mask has no target out of the ROC.
+        iou_if_empty: the IoU of an image (for nIoU) or a set (for mIoU) with no target pixel and no
+            predicted pixel: 0 as in the toolkits (their eps-guarded division), 1 to call it perfect.
+    """
+
+    name: str = "standard"
+    size: tuple[int, int] | None = None
+    seg_score: Score = "sigmoid"
+    seg_threshold: float = 0.5
+    det_score: Score = "sigmoid"
+    det_threshold: float = 0.5
+    match_radius: float = 3.0
+    fa_pixels_per_image: int | None = None
+    fa_skip_equal_area: bool = False
+    roc_score: Score = "sigmoid"
+    roc_levels: int = 201
+    roc_skip_empty: bool = False
+    iou_if_empty: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("seg_score", "det_score", "roc_score"):
+            assert getattr(self, key) in SCORES, f"MetricConfig.{key} must be one of {SCORES}, got {getattr(self, key)!r}"
+        assert self.size is None or (len(self.size) == 2 and min(self.size) > 0), \
+            f"MetricConfig.size must be None or (H, W) with positive sides, got {self.size!r}"
+        assert self.match_radius > 0, f"MetricConfig.match_radius must be positive, got {self.match_radius}"
+        assert self.roc_levels >= 2, f"MetricConfig.roc_levels must be at least 2, got {self.roc_levels}"
+        assert self.fa_pixels_per_image is None or self.fa_pixels_per_image > 0, \
+            f"MetricConfig.fa_pixels_per_image must be None or positive, got {self.fa_pixels_per_image}"
+
+    def describe(self) -> str:
+        """One line stating the rules, for reports."""
+        size = "native size" if self.size is None else f"resized to {self.size[0]}x{self.size[1]}"
+        fa_den = "all pixels" if self.fa_pixels_per_image is None else f"{self.fa_pixels_per_image} px/image"
+        return (f"{self.name}: {size}; IoU/F1 on {self.seg_score} > {self.seg_threshold}; "
+                f"Pd/Fa on {self.det_score} > {self.det_threshold}, centroid < {self.match_radius} px, "
+                f"Fa over {fa_den}{', equal-area quirk' if self.fa_skip_equal_area else ''}; "
+                f"ROC on {self.roc_score} >= i/{self.roc_levels - 1}"
+                f"{', images without targets skipped' if self.roc_skip_empty else ''}")
+
+
+PRESETS: dict[str, MetricConfig] = {
+    "paper": MetricConfig(name="paper", size=(256, 256),
+                          seg_score="normalised", seg_threshold=0.5,
+                          det_score="logit", det_threshold=0.0,
+                          match_radius=2.0, fa_pixels_per_image=512 * 512, fa_skip_equal_area=True,
+                          roc_score="normalised", roc_levels=201, roc_skip_empty=True),
+    "standard": MetricConfig(name="standard"),
+}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's share of the scores: its IoU, its targets, how many were detected, its false-alarm pixels."""
+
+    name: str
+    IoU: float
+    targets: int
+    detected: int
+    false_alarm_pixels: int
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """ROC over the set, one point per threshold (ascending): fpr over background pixels, tpr = Pd of targets."""
+
+    thresholds: np.ndarray
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auc: float
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions on one image
+# ----------------------------------------------------------------------------------------------------------
+
+def score_map(logits: np.ndarray, kind: Score) -> np.ndarray:
+    """The map a threshold applies to: T, sigmoid(T) or sigmoid(T) / its max (float32, (H, W))."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if kind == "logit":
+        return logits
+    p = special.expit(logits)  # float32 in, float32 out
+    if kind == "sigmoid":
+        return p
+    peak = p.max()
+    return p / peak if peak > 0 else p  # an all-zero p (logits below about -104) stays zero
+
+
+@dataclass(frozen=True)
+class Components:
+    """8-connected components of a binary map, labelled 1..n in raster order of their first pixel (as
+    skimage.measure.label(connectivity=2)): label map, area (n,) and centroid (n, 2) as (row, col), the mean of
+    the component's pixel coordinates (as regionprops)."""
+
+    labels: np.ndarray
+    n: int
+    area: np.ndarray
+    centroid: np.ndarray
+
+
+def components(binary: np.ndarray) -> Components:
+    """The 8-connected components of ``binary`` (H, W) with their areas and centroids."""
+    labels, n = ndimage.label(binary, structure=EIGHT_CONNECTED)
+    pixels = np.flatnonzero(labels)                      # only the foreground: maps are mostly empty
+    owner = labels.ravel()[pixels]
+    rows, cols = np.divmod(pixels, labels.shape[1])
+    area = np.bincount(owner, minlength=n + 1)[1:]
+    row_sum = np.bincount(owner, weights=rows, minlength=n + 1)[1:]
+    col_sum = np.bincount(owner, weights=cols, minlength=n + 1)[1:]
+    centroid = np.stack([row_sum / np.maximum(area, 1), col_sum / np.maximum(area, 1)], axis=1)  # (n, 2)
+    return Components(labels=labels, n=int(n), area=area, centroid=centroid)
+
+
+def match_targets(target_centroids: np.ndarray, pred_centroids: np.ndarray, radius: float) -> np.ndarray:
+    """Greedy centroid matching: for each target in order, the first free predicted component closer than
+    ``radius`` (Euclidean, strict). Returns, per target, the matched component's index or -1."""
+    matched = np.full(len(target_centroids), -1, dtype=np.int64)
+    if len(target_centroids) == 0 or len(pred_centroids) == 0:
+        return matched
+    diff = pred_centroids[None, :, :] - target_centroids[:, None, :]      # (targets, preds, 2)
+    distance = np.sqrt(diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1])
+    free = np.ones(len(pred_centroids), dtype=bool)
+    for t, row in enumerate(distance < radius):
+        candidates = np.flatnonzero(row & free)
+        if candidates.size:
+            matched[t] = candidates[0]
+            free[candidates[0]] = False
+    return matched
+
+
+def false_alarm_pixels(pred_areas: np.ndarray, matched: np.ndarray, skip_equal_area: bool) -> int:
+    """Pixels of the predicted components no target matched; with ``skip_equal_area`` (the release's quirk,
+    which compares areas by value) a component is also left out when a matched component has its area."""
+    hit = matched[matched >= 0]
+    unmatched = np.ones(len(pred_areas), dtype=bool)
+    unmatched[hit] = False
+    if skip_equal_area:
+        unmatched &= ~np.isin(pred_areas, pred_areas[hit])
+    return int(pred_areas[unmatched].sum())
+
+
+def detect_targets(predicted: Components, targets: Components, radius: float,
+                   skip_equal_area: bool = False) -> tuple[int, int]:
+    """Pd/Fa counts of one image: (detected targets, false-alarm pixels)."""
+    matched = match_targets(targets.centroid, predicted.centroid, radius)
+    return int((matched >= 0).sum()), false_alarm_pixels(predicted.area, matched, skip_equal_area)
+
+
+def roc_thresholds(levels: int) -> np.ndarray:
+    """t = i / (levels - 1), i = 0..levels-1 (float64)."""
+    return np.arange(levels) / (levels - 1)
+
+
+def count_at_or_above(values: np.ndarray, levels: int) -> np.ndarray:
+    """For each threshold t_i = i / (levels - 1), how many values are >= t_i (exact float64 comparisons,
+    as ``values >= t_i`` would give), in one pass: no loop over thresholds."""
+    thresholds = roc_thresholds(levels)
+    values = values.ravel()
+    high = values[values >= thresholds[1]].astype(np.float64)  # maps are mostly low: bin only the rest
+    upper = np.append(thresholds, np.inf)                  # upper[k] = t_k, +inf past the last threshold
+    lower = np.append(-np.inf, thresholds)                 # lower[k] = t_(k-1), -inf before the first
+    passed = np.minimum(np.floor(high * (levels - 1)), levels - 1).astype(np.int64) + 1  # ~ #{i: t_i <= v}
+    passed += upper[passed] <= high                        # correct an estimate that rounded down
+    passed -= lower[passed] > high                         # or up
+    counts = np.cumsum(np.bincount(passed, minlength=levels + 1)[::-1])[::-1][1:]
+    counts[0] = np.count_nonzero(values >= thresholds[0])  # t_0 = 0: every non-negative value
+    return counts
+
+
+def roc_counts(score: np.ndarray, targets: Components, levels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One image's ROC counts per threshold: (detected targets, false-positive pixels, background pixels).
+    A target is detected at t when any of its pixels has score >= t, i.e. when its maximum does."""
+    pixels = np.flatnonzero(targets.labels)
+    target_scores = score.ravel()[pixels]
+    peaks = np.full(targets.n, -np.inf)
+    np.maximum.at(peaks, targets.labels.ravel()[pixels] - 1, target_scores)
+    false_positives = count_at_or_above(score, levels) - count_at_or_above(target_scores, levels)
+    return count_at_or_above(peaks, levels), false_positives, int(score.size - pixels.size)
+
+
+def resize_pair(logits: np.ndarray, mask: np.ndarray, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Bring a prediction and its mask to the protocol's size: both to ``size`` (logits bilinear, mask nearest),
+    or with ``size`` None the mask to the prediction's size (nearest). Returns (logits, mask, mask_was_resized)."""
+    mask_resized = mask.shape != logits.shape
+    target = logits.shape if size is None else tuple(size)
+    if logits.shape != target:
+        logits = cv2.resize(logits, (target[1], target[0]), interpolation=cv2.INTER_LINEAR)
+    if mask.shape != target:
+        mask = cv2.resize(mask.astype(np.uint8), (target[1], target[0]), interpolation=cv2.INTER_NEAREST) > 0
+    return logits, mask, mask_resized
+
+
+def area_under_curve(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Trapezoid area of the curve through the given points, ordered by threshold (fpr falls as t rises)."""
+    return float(-np.trapezoid(tpr, fpr))
+
+
+def _ratio(numerator: float, denominator: float, if_zero: float) -> float:
+    return float(numerator / denominator) if denominator else float(if_zero)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The accumulator
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Totals:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    targets: int = 0
+    detected: int = 0
+    false_alarm_pixels: int = 0
+    fa_pixels: int = 0
+    roc_detected: np.ndarray | None = None
+    roc_false_positives: np.ndarray | None = None
+    roc_targets: int = 0
+    roc_background: int = 0
+    iou_per_image: list[float] = field(default_factory=list)
+
+
+class Evaluator:
+    """Accumulates the scores of a set image by image under one ``MetricConfig``.
+
+    Args:
+        config: the protocol, e.g. ``PRESETS["standard"]`` (the default) or ``PRESETS["paper"]``.
+    """
+
+    def __init__(self, config: MetricConfig = PRESETS["standard"]) -> None:
+        self.config = config
+        self.thresholds = roc_thresholds(config.roc_levels)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every image seen so far."""
+        self._totals = _Totals(roc_detected=np.zeros(len(self.thresholds), dtype=np.int64),
+                               roc_false_positives=np.zeros(len(self.thresholds), dtype=np.int64))
+        self.records: list[ImageRecord] = []
+        self.resized_masks = 0  # masks whose size differed from their prediction's
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def update(self, logits: np.ndarray, mask: np.ndarray, name: str | None = None) -> ImageRecord:
+        """Score one image: ``logits`` T of shape (H, W), finite; ``mask`` (H, W), non-zero = target.
+        ``name`` (a file name) is used in records and error messages. Returns the image's record."""
+        config, totals = self.config, self._totals
+        name = f"image {len(self.records)}" if name is None else str(name)
+        logits = np.asarray(logits)
+        mask = np.asarray(mask)
+        if logits.ndim != 2 or mask.ndim != 2:
+            raise InvalidPredictionError(f"{name}: expected a prediction and a mask of shape (H, W), got "
+                                         f"{logits.shape} and {mask.shape}; use update_batch for (N, 1, H, W)")
+        if not np.isfinite(logits).all():
+            raise InvalidPredictionError(f"{name}: the prediction holds NaN or inf values; "
+                                         f"check the model output or the file that holds it")
+        logits, mask, mask_resized = resize_pair(logits.astype(np.float32, copy=False), mask > 0, config.size)
+        self.resized_masks += int(mask_resized)
+
+        scores: dict[str, np.ndarray] = {}  # each score map computed once
+
+        def score(kind: Score) -> np.ndarray:
+            if kind not in scores:
+                scores[kind] = score_map(logits, kind)
+            return scores[kind]
+
+        # mIoU, nIoU, Prec, Recall, F1: pixel counts
+        seg = score(config.seg_score) > config.seg_threshold
+        tp = int(np.count_nonzero(seg & mask))
+        fp = int(np.count_nonzero(seg)) - tp
+        fn = int(np.count_nonzero(mask)) - tp
+        iou = _ratio(tp, tp + fp + fn, config.iou_if_empty)
+        totals.tp, totals.fp, totals.fn = totals.tp + tp, totals.fp + fp, totals.fn + fn
+        totals.iou_per_image.append(iou)
+
+        # Pd, Fa: components and centroids
+        targets = components(mask)
+        predicted = components(score(config.det_score) > config.det_threshold)
+        detected, fa_pixels = detect_targets(predicted, targets, config.match_radius, config.fa_skip_equal_area)
+        totals.targets += targets.n
+        totals.detected += detected
+        totals.false_alarm_pixels += fa_pixels
+        totals.fa_pixels += config.fa_pixels_per_image or logits.size
+
+        # ROC: counts per threshold
+        if targets.n or not config.roc_skip_empty:
+            roc_detected, roc_fp, background = roc_counts(score(config.roc_score), targets, config.roc_levels)
+            totals.roc_detected += roc_detected
+            totals.roc_false_positives += roc_fp
+            totals.roc_targets += targets.n
+            totals.roc_background += background
+
+        record = ImageRecord(name=name, IoU=iou, targets=targets.n, detected=detected, false_alarm_pixels=fa_pixels)
+        self.records.append(record)
+        return record
+
+    def update_batch(self, logits: Any, masks: Any, names: Sequence[str] | None = None) -> None:
+        """Score a batch: ``logits`` and ``masks`` as torch tensors or numpy arrays of shape (N, 1, H, W) or
+        (N, H, W); tensors are detached and moved to the CPU. ``names``: one per image, or None."""
+        logits, masks = _to_numpy(logits), _to_numpy(masks)
+        logits = logits.reshape(-1, *logits.shape[-2:])  # (N, 1, H, W) -> (N, H, W)
+        masks = masks.reshape(-1, *masks.shape[-2:])
+        assert len(logits) == len(masks), f"update_batch: {len(logits)} predictions but {len(masks)} masks"
+        assert names is None or len(names) == len(logits), f"update_batch: {len(logits)} images but {len(names)} names"
+        for i in range(len(logits)):
+            self.update(logits[i], masks[i], None if names is None else names[i])
+
+    def roc(self) -> RocCurve:
+        """The ROC curve over the images seen (NaN rates when there was no target or no background pixel)."""
+        totals = self._totals
+        nan = np.full(len(self.thresholds), np.nan)
+        tpr = totals.roc_detected / totals.roc_targets if totals.roc_targets else nan
+        fpr = totals.roc_false_positives / totals.roc_background if totals.roc_background else nan
+        return RocCurve(thresholds=self.thresholds.copy(), fpr=fpr, tpr=tpr, auc=area_under_curve(fpr, tpr))
+
+    def compute(self) -> dict[str, float]:
+        """The scores over the images seen: exactly ``METRIC_KEYS``, as fractions; Fa as a plain rate."""
+        totals = self._totals
+        assert self.records, "Evaluator.compute: no image was scored; call update() first"
+        precision = _ratio(totals.tp, totals.tp + totals.fp, 0.0)
+        recall = _ratio(totals.tp, totals.tp + totals.fn, np.nan)
+        if np.isnan(recall):
+            f1 = np.nan
+        else:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        return {
+            "mIoU": _ratio(totals.tp, totals.tp + totals.fp + totals.fn, self.config.iou_if_empty),
+            "nIoU": float(np.mean(totals.iou_per_image)),
+            "Pd": _ratio(totals.detected, totals.targets, np.nan),
+            "Fa": _ratio(totals.false_alarm_pixels, totals.fa_pixels, np.nan),
+            "Prec": precision,
+            "Recall": recall,
+            "F1": float(f1),
+            "AUC": self.roc().auc,
+        }
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    """A torch tensor (any device, any float type) or array-like as a numpy array."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu()
+        if array.is_floating_point():
+            array = array.float()
+        return array.numpy()
+    return np.asarray(array)
+
+
+def config_dict(config: MetricConfig) -> dict[str, Any]:
+    """The config as a plain dict (for JSON and reports)."""
+    return asdict(config)
