@@ -242,7 +242,8 @@ def test_images_without_targets_leave_the_paper_roc_only():
     mask, pred = blank(), blank()
     mask[60, 60] = pred[60, 60] = True
     noisy = np.random.default_rng(0).normal(0, 3, (256, 256)).astype(np.float32)  # empty mask, many false alarms
-    paper_alone, paper_both = score(PAPER, (logits_from(pred), mask)), score(PAPER, (logits_from(pred), mask), (noisy, blank()))
+    paper_alone = score(PAPER, (logits_from(pred), mask))
+    paper_both = score(PAPER, (logits_from(pred), mask), (noisy, blank()))
     standard_alone = score(STANDARD, (logits_from(pred), mask))
     standard_both = score(STANDARD, (logits_from(pred), mask), (noisy, blank()))
     assert paper_both["AUC"] == paper_alone["AUC"]

@@ -27,7 +27,7 @@ AUC without any target or any background pixel. Precision without any predicted 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import cv2
@@ -89,7 +89,8 @@ class MetricConfig:
 
     def __post_init__(self) -> None:
         for key in ("seg_score", "det_score", "roc_score"):
-            assert getattr(self, key) in SCORES, f"MetricConfig.{key} must be one of {SCORES}, got {getattr(self, key)!r}"
+            value = getattr(self, key)
+            assert value in SCORES, f"MetricConfig.{key} must be one of {SCORES}, got {value!r}"
         assert self.size is None or (len(self.size) == 2 and min(self.size) > 0), \
             f"MetricConfig.size must be None or (H, W) with positive sides, got {self.size!r}"
         assert self.match_radius > 0, f"MetricConfig.match_radius must be positive, got {self.match_radius}"
@@ -247,7 +248,8 @@ def roc_counts(score: np.ndarray, targets: Components, levels: int) -> tuple[np.
     return count_at_or_above(peaks, levels), false_positives, int(score.size - pixels.size)
 
 
-def resize_pair(logits: np.ndarray, mask: np.ndarray, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, bool]:
+def resize_pair(logits: np.ndarray, mask: np.ndarray,
+                size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, bool]:
     """Bring a prediction and its mask to the protocol's size: both to ``size`` (logits bilinear, mask nearest),
     or with ``size`` None the mask to the prediction's size (nearest). Returns (logits, mask, mask_was_resized)."""
     mask_resized = mask.shape != logits.shape
@@ -412,8 +414,3 @@ def _to_numpy(array: Any) -> np.ndarray:
             array = array.float()
         return array.numpy()
     return np.asarray(array)
-
-
-def config_dict(config: MetricConfig) -> dict[str, Any]:
-    """The config as a plain dict (for JSON and reports)."""
-    return asdict(config)
