@@ -1,0 +1,160 @@
+"""Training: recipe defaults, a short end-to-end run, resume after SIGKILL, non-finite loss, two gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils.training as training
+from model import load_checkpoint, load_model
+from utils.losses import soft_iou_loss
+from utils.schedule import poly_lr, poly_scheduler
+from utils.synthetic import write_dataset
+from utils.training import TrainConfig, TrainingError, fit, main, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root, "tiny", n_trainval=8, n_test=4, size=32, seed=3)
+    return root
+
+
+def _args(data_root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "tiny", "--data-root", str(data_root), "--out", str(out), "--batch-size", "4",
+            "--base-size", "32", "--stage-num", "1", "--lr", "1e-3", "--vis-images", "2", *extra]
+
+
+def test_defaults_are_the_release_recipe():
+    config = parse_config([])
+    assert (config.epochs, config.batch_size, config.lr, config.weight_decay, config.poly_power) == (400, 8, 1e-4, 0, 0.9)
+    assert (config.base_size, config.stage_num, config.channels, config.mse_weight, config.seed) == (256, 5, 32, 0.1, 1)
+    assert config.dataset == "IRSTD-1k" and not config.augment_enabled()
+    assert parse_config(["--dataset", "sirst_aug"]).augment_enabled()
+    demo = parse_config(["--dataset", "demo", "--epochs", "3"])
+    assert demo.epochs == 3 and demo.base_size == training.DEMO_DEFAULTS["base_size"]
+
+
+def test_loss_and_schedule_follow_the_release():
+    logits = torch.tensor([[[[10.0, -10.0], [-10.0, -10.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    assert soft_iou_loss(logits, mask).item() == pytest.approx(0.0, abs=1e-4)
+    # p = (0, 1, 1, 1): intersection 0, union 3 + 1 - 0 = 4, loss = 1 - (0 + 1) / (4 + 1)
+    assert soft_iou_loss(-logits, mask).item() == pytest.approx(1 - 1 / 5, abs=1e-4)
+    assert poly_lr(1e-4, 0, 100) == 1e-4 and poly_lr(1e-4, 100, 100) == 0
+    assert poly_lr(1e-4, 50, 100) == pytest.approx(1e-4 * 0.5 ** 0.9)
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    scheduler = poly_scheduler(optimizer, 100)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(poly_lr(1e-4, 50, 100))
+
+
+def test_short_run_writes_a_complete_run_folder(data_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(data_root, out, "--epochs", "2")) == 0
+    for name in ("best.pkl", "latest.pkl", "config.json", "log.txt"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    assert json.loads((out / "config.json").read_text())["stage_num"] == 1
+    latest = load_checkpoint(out / "latest.pkl")
+    assert latest["train_state"]["epoch"] == 2 and latest["train_state"]["global_step"] == 4
+    model, info = load_model(out / "best.pkl")
+    assert info["kind"] == "project" and model.config.stage_num == 1
+    assert set(load_checkpoint(out / "best.pkl")["meta"]["scores"]) >= {"mIoU", "nIoU", "Pd", "Fa", "F1"}
+    log = (out / "log.txt").read_text()
+    assert "Epoch 002/2" in log and "mIoU" in log
+    # an existing run is never overwritten silently
+    assert main(_args(data_root, out, "--epochs", "2")) == 2
+    assert load_checkpoint(out / "latest.pkl")["train_state"]["epoch"] == 2
+    with pytest.raises(TrainingError, match="differ from the stored ones"):
+        fit(parse_config(_args(data_root, out, "--resume", "--lr", "5e-4")), frozenset({"lr", "resume"}))
+
+
+def test_sigkill_then_resume_reaches_the_same_weights(data_root, tmp_path):
+    epochs = "12"
+    straight = tmp_path / "straight"
+    assert main(_args(data_root, straight, "--epochs", epochs)) == 0
+
+    broken = tmp_path / "broken"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, str(REPO / "run_0.py"), *_args(data_root, broken, "--epochs", epochs)],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if (broken / "latest.pkl").exists():
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed; give it more epochs"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    stopped_after = load_checkpoint(broken / "latest.pkl")["train_state"]["epoch"]
+    assert 1 <= stopped_after < int(epochs)
+    assert main(_args(data_root, broken, "--epochs", epochs, "--resume")) == 0
+
+    a, b = load_checkpoint(straight / "latest.pkl"), load_checkpoint(broken / "latest.pkl")
+    assert b["train_state"]["epoch"] == int(epochs) and b["train_state"]["global_step"] == a["train_state"]["global_step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["meta"]["best_miou"] == b["meta"]["best_miou"]
+    assert "resumed after epoch" in (broken / "log.txt").read_text()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+    real_loss, calls = training.dconet_loss, []
+
+    def failing_loss(D, T, image, mask, mse_weight):
+        calls.append(1)
+        loss, parts = real_loss(D, T, image, mask, mse_weight)
+        return (loss * float("nan"), parts) if len(calls) == 3 else (loss, parts)
+
+    monkeypatch.setattr(training, "dconet_loss", failing_loss)
+    out = tmp_path / "run"
+    with pytest.raises(training.NonFiniteLossError, match="latest.pkl"):
+        fit(parse_config(_args(data_root, out, "--epochs", "3")))
+    state = load_checkpoint(out / "latest.pkl")["train_state"]
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(out / "latest.pkl")["model"].values()
+               if v.is_floating_point())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_hold_identical_weights(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(REPO / "tests" / "_ddp_worker.py"), *_args(data_root, out, "--epochs", "2", "--batch-size", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    for key, value in rank0.items():
+        if "running" in key or "num_batches" in key:
+            continue   # BatchNorm statistics are per process, as in DistributedDataParallel without SyncBN
+        assert torch.equal(value, rank1[key]), key
+    latest = load_checkpoint(out / "latest.pkl")
+    assert latest["train_state"]["epoch"] == 2 and latest["train_state"]["global_step"] == 4  # 8 images / (2 x 2)
+    for key, value in latest["model"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, rank0[key]), key
+    log = (out / "log.txt").read_text()
+    assert log.count("Epoch 002/2 iter") == 1      # only rank 0 writes
+    assert not list(out.glob("*.tmp"))

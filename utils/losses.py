@@ -1,0 +1,27 @@
+"""The release's training loss: SoftIoU on the target logits plus a weighted reconstruction MSE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_iou_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - mean over the batch of (sum(p*m) + 1) / (sum(p) + sum(m) - sum(p*m) + 1), p = sigmoid(logits).
+
+    logits, mask: (N, 1, H, W); sums run over each image.
+    """
+    p = torch.sigmoid(logits.float())
+    m = mask.float()
+    dims = tuple(range(1, p.dim()))
+    intersection = (p * m).sum(dim=dims)
+    union = p.sum(dim=dims) + m.sum(dim=dims) - intersection
+    return 1.0 - ((intersection + smooth) / (union + smooth)).mean()
+
+
+def dconet_loss(D: torch.Tensor, T: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                mse_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """loss = SoftIoU(T, mask) + mse_weight * MSE(D, image). Returns (loss, its parts as floats)."""
+    iou = soft_iou_loss(T, mask)
+    mse = F.mse_loss(D.float(), image.float())
+    loss = iou + mse_weight * mse
+    return loss, {"loss": loss.item(), "soft_iou": iou.item(), "mse": mse.item()}

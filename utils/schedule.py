@@ -1,0 +1,18 @@
+"""The release's "poly" learning-rate schedule, stepped every iteration."""
+from __future__ import annotations
+
+import torch
+
+
+def poly_lr(base_lr: float, iteration: int, total_iterations: int, power: float = 0.9) -> float:
+    """lr = base_lr * (1 - iteration / total_iterations) ** power, clamped at 0 past the end."""
+    if total_iterations <= 0:
+        raise ValueError(f"total_iterations must be positive, got {total_iterations}")
+    return base_lr * max(0.0, 1.0 - iteration / total_iterations) ** power
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_iterations: int,
+                   power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that applies ``poly_lr`` to every parameter group; call ``step()`` after each iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: max(0.0, 1.0 - it / total_iterations) ** power)
