@@ -230,7 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="both",
                         help="paper (the release's numbers, quirks included), standard, or both (default)")
     parser.add_argument("--json", help="also write the scores here as {protocol: {metric: fraction}}")
-    parser.add_argument("--out", help="report folder (default: eval/NAME, NAME = the dataset or the pred dir's name)")
+    parser.add_argument("--out", help="report folder (default: eval/NAME, NAME = the dataset, or the pred dir's name; NAME for results/NAME/mat)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--allow-missing", action="store_true",
                         help="skip predictions without a mask and masks without a prediction instead of stopping")
@@ -251,7 +251,13 @@ def resolve_folders(args: argparse.Namespace) -> tuple[Path, Path, str]:
                             f"exists; run t_models.py --dataset {args.dataset} first or pass --pred-dir")
     mask_dir = Path(args.mask_dir) if args.mask_dir is not None else (
         Path(args.data_root) / args.dataset / "test" / "masks")
-    return pred_dir, mask_dir, args.dataset or pred_dir.resolve().name
+    return pred_dir, mask_dir, args.dataset or _report_name(pred_dir)
+
+
+def _report_name(pred_dir: Path) -> str:
+    """results/NAME/mat and results/NAME/img are reported as NAME; any other folder under its own name."""
+    resolved = pred_dir.resolve()
+    return resolved.parent.name if resolved.name in ("mat", "img") and resolved.parent.name else resolved.name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
