@@ -1,0 +1,490 @@
+"""Inference: DCONet predictions for images of any size, one at a time or in batches, on the CPU or a GPU.
+
+The network takes (N, 1, H, W) with H and W multiples of 32. ``Geometry`` says how an image gets there and back:
+
+- native mode (the default): reflect-pad the image at its bottom and right to the next multiple of 32, run,
+  crop the outputs back to the image's own size;
+- resize mode (``Geometry(resize=256)``, the release's): bilinear resize to 256x256, outputs stay 256x256.
+
+An input larger than ``Geometry.tile`` on either side is run tile by tile (tiles overlapping by
+``Geometry.overlap`` pixels, each output pixel taken from the tile it lies most centrally in), so memory stays
+bounded whatever the frame size. Tiled and untiled outputs are not identical: the DBEM's bottleneck attention
+(SOA) mixes all positions of its input and its dilated MDCR convolutions see about 600 px, so a tile never sees
+all the context the whole frame gives. ``TILE_ATOL`` is the difference measured in the tests.
+
+Typical use (training code validating on images of any size)::
+
+    net = prepare_model(model, torch.device("cuda"))           # eval mode, on the device
+    for prediction in iter_predictions(net, [("img1", image)], Geometry()):
+        prediction.T                                            # (H, W) float32 logits
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import scipy.io
+import torch
+from scipy.special import expit
+from torch import nn
+from tqdm import tqdm
+
+from model.dconet import SIZE_MULTIPLE, StageOutput
+from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask
+
+MAPS_PER_STAGE = 3                 # B, T, D: the channel order of the map stacks below
+MAX_PENDING_PIXELS = 1 << 25       # images waiting for a batch of their size, at most (~128 MB of float32)
+RESULT_FOLDERS = ("img", "mat", "vis")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image is brought to the network's input and back.
+
+    Args:
+        resize: None for native mode (pad to a multiple of 32, crop back); S for resize mode (bilinear to S x S,
+            outputs at S x S; the release uses 256). S must be a multiple of 32.
+        tile: side of the tiles, in pixels, a multiple of 32; an input larger than this on either side runs tile
+            by tile. 0 never tiles.
+        overlap: context shared by neighbouring tiles, in pixels: a multiple of 32 (so that every tile keeps the
+            whole frame's pooling grid) smaller than ``tile``.
+    """
+
+    resize: int | None = None
+    tile: int = 512
+    overlap: int = 128
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and (self.resize <= 0 or self.resize % SIZE_MULTIPLE):
+            raise ValueError(f"resize must be a positive multiple of {SIZE_MULTIPLE} (the release uses 256), "
+                             f"got {self.resize}")
+        if self.tile < 0 or self.tile % SIZE_MULTIPLE:
+            raise ValueError(f"tile must be 0 (no tiling) or a positive multiple of {SIZE_MULTIPLE}, got {self.tile}")
+        if self.overlap < 0 or self.overlap % SIZE_MULTIPLE or (self.tile and self.overlap >= self.tile):
+            raise ValueError(f"overlap must be a multiple of {SIZE_MULTIPLE} smaller than the tile "
+                             f"({self.tile}), got {self.overlap}")
+
+    def describe(self) -> str:
+        size = f"resized to {self.resize}x{self.resize}" if self.resize else "native size (reflect-padded to x32)"
+        tiles = f"tiles of {self.tile} px overlapping by {self.overlap}" if self.tile else "no tiling"
+        return f"{size}, {tiles}"
+
+
+@dataclass
+class Prediction:
+    """What the network made of one image, at the output size (native or resized), float32 (H, W) arrays.
+
+    ``T`` are the last stage's target logits (sigmoid(T) > 0.5 is a target pixel), ``B`` its background and ``D``
+    its reconstruction; ``stages`` holds every stage's ``StageOutput(B, T, D)`` when asked for, else is empty.
+    """
+
+    name: str
+    T: np.ndarray
+    B: np.ndarray
+    D: np.ndarray
+    stages: list[StageOutput] = field(default_factory=list)
+
+    @property
+    def probability(self) -> np.ndarray:
+        """sigmoid(T), float32 (H, W)."""
+        return sigmoid(self.T)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """sigmoid(T) as float32 (H, W)."""
+    return expit(np.asarray(logits, dtype=np.float32))
+
+
+def to_png(logits: np.ndarray) -> np.ndarray:
+    """The 8-bit picture of a prediction: round(sigmoid(T) * 255), uint8 (H, W), computed in float64 so that
+    values near a half grey level round the same way on every machine."""
+    return np.rint(expit(np.asarray(logits, dtype=np.float64)) * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else the CPU; "cuda" without a GPU is an error that says so."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return device
+
+
+class InferenceModel(nn.Module):
+    """A DCONet prepared for inference: forward(x, return_stages) as DCONet's, outputs always float32.
+
+    Args:
+        model: the DCONet, or what torch.compile made of it.
+        bf16: run the forward under torch.autocast(dtype=torch.bfloat16).
+        device_type: "cpu" or "cuda", for autocast.
+    """
+
+    def __init__(self, model: nn.Module, bf16: bool = False, device_type: str = "cpu"):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+        self.device_type = device_type
+
+    @property
+    def config(self):
+        inner = getattr(self.model, "_orig_mod", self.model)
+        return inner.config
+
+    def forward(self, x: torch.Tensor, return_stages: bool = False):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(x, return_stages=return_stages)
+        if not return_stages:
+            return tuple(t.float() for t in out)
+        D, T, stages = out
+        return D.float(), T.float(), [StageOutput(*(t.float() for t in s)) for s in stages]
+
+
+def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = False,
+                  compile: bool = False) -> nn.Module:
+    """Move ``model`` to ``device``, put it in eval mode (in place: a training loop calls model.train() again
+    after validating) and wrap it for inference.
+
+    Args:
+        bf16: autocast the forward to bfloat16 (outputs are cast back to float32).
+        compile: torch.compile the model (the first call of every input size then compiles, which takes a while).
+
+    Returns an ``InferenceModel``: call it as the DCONet, ``net(x)`` -> (D, T), ``net(x, True)`` -> (D, T, stages).
+    """
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    net = torch.compile(model) if compile else model
+    return InferenceModel(net, bf16=bf16, device_type=device.type)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------------------
+
+def padded_size(h: int, w: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndarray:
+    """Reflect-pad (H, W) at the bottom and right to multiples of ``multiple``. numpy reflects repeatedly when the
+    padding is wider than the image, and an image one pixel wide is repeated."""
+    h, w = image.shape
+    ph, pw = padded_size(h, w, multiple)
+    if (ph, pw) == (h, w):
+        return image
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    return np.pad(image, ((0, ph - h), (0, pw - w)), mode=mode)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (cv2.INTER_LINEAR, as the training data) of a float32 (H, W) image to ``size`` = (H, W)."""
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def network_input(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The (H', W') float32 array the network runs on: resized, or padded to multiples of 32."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"expected a non-empty grayscale image (H, W), got shape {image.shape}")
+    if geometry.resize:
+        return resize_image(image, (geometry.resize, geometry.resize))
+    return pad_to_multiple(image)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the tiles covering [0, length): stride tile - overlap, the last one flush with the end."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def tile_cuts(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
+    """The part of [0, length) each tile supplies: neighbours split their overlap in the middle."""
+    bounds = [0] + [(b + a + tile) // 2 for a, b in zip(starts[:-1], starts[1:])] + [length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the network
+# ----------------------------------------------------------------------------------------------------------
+
+def run_network(model: nn.Module, batch: np.ndarray, return_stages: bool = False) -> np.ndarray:
+    """One forward pass of a prepared model on a batch (N, H, W) of network inputs (H, W multiples of 32).
+
+    Returns the map stack (N, 3 * S, H, W) float32: B, T, D of every stage (S = K) with ``return_stages``, else of
+    the last stage only (S = 1).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    with torch.inference_mode():
+        _, _, stages = model(x.to(model_device(model)), return_stages=True)
+        kept = stages if return_stages else stages[-1:]
+        maps = torch.cat([torch.cat([s.B, s.T, s.D], dim=1) for s in kept], dim=1)  # (N, 3S, H, W)
+        return maps.float().cpu().numpy()
+
+
+def run_tiled(model: nn.Module, x: np.ndarray, geometry: Geometry, batch_size: int = 1,
+              return_stages: bool = False) -> np.ndarray:
+    """The map stack (3 * S, H, W) of one large input (H, W), computed tile by tile, ``batch_size`` tiles at a time."""
+    h, w = x.shape
+    th, tw = min(geometry.tile, h), min(geometry.tile, w)
+    rows, cols = tile_starts(h, th, geometry.overlap), tile_starts(w, tw, geometry.overlap)
+    row_cuts, col_cuts = tile_cuts(rows, th, h), tile_cuts(cols, tw, w)
+    jobs = [(r, c, rc, cc) for r, rc in zip(rows, row_cuts) for c, cc in zip(cols, col_cuts)]
+    out: np.ndarray | None = None
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        maps = run_network(model, np.stack([x[r:r + th, c:c + tw] for r, c, _, _ in chunk]), return_stages)
+        if out is None:
+            out = np.empty((maps.shape[1], h, w), dtype=np.float32)
+        for tile_maps, (r, c, (r0, r1), (c0, c1)) in zip(maps, chunk):
+            out[:, r0:r1, c0:c1] = tile_maps[:, r0 - r:r1 - r, c0 - c:c1 - c]
+    return out
+
+
+def needs_tiling(shape: tuple[int, int], geometry: Geometry) -> bool:
+    return bool(geometry.tile) and max(shape) > geometry.tile
+
+
+def _prediction(name: str, image_shape: tuple[int, int], maps: np.ndarray, geometry: Geometry,
+                keep_stages: bool) -> Prediction:
+    """Crop a map stack (3S, H', W') back to the image (native mode) and split it into stages."""
+    if not geometry.resize:
+        maps = maps[:, :image_shape[0], :image_shape[1]]
+    stages = [StageOutput(*(np.ascontiguousarray(m) for m in maps[i:i + MAPS_PER_STAGE]))
+              for i in range(0, len(maps), MAPS_PER_STAGE)]
+    last = stages[-1]
+    return Prediction(name=name, T=last.T, B=last.B, D=last.D, stages=stages if keep_stages else [])
+
+
+def iter_predictions(model: nn.Module, items: Iterable[tuple[str, np.ndarray]], geometry: Geometry = Geometry(),
+                     batch_size: int = 1, return_stages: bool = False) -> Iterator[Prediction]:
+    """Predictions for (name, image) pairs, images (H, W) float32 in [0, 1] of any sizes.
+
+    Images whose network inputs have the same size are batched together (``batch_size`` at most); a batch is
+    run as soon as it is full, or when the waiting images exceed ``MAX_PENDING_PIXELS``. Predictions therefore
+    come in completion order, not always in input order (in input order when batch_size is 1).
+    ``model`` is a prepared model (``prepare_model``). With ``return_stages`` every stage's maps are kept
+    (``Prediction.stages``; a one-stage model's single stage is B, T, D themselves).
+    """
+    assert batch_size >= 1, f"batch_size must be at least 1, got {batch_size}"
+    pending: dict[tuple[int, int], list[tuple[str, tuple[int, int], np.ndarray]]] = {}  # by input size
+
+    def flush(key: tuple[int, int]) -> Iterator[Prediction]:
+        group = pending.pop(key)
+        maps = run_network(model, np.stack([x for _, _, x in group]), return_stages)   # (n, 3S, H', W')
+        for (name, shape, _), image_maps in zip(group, maps):
+            yield _prediction(name, shape, image_maps, geometry, return_stages)
+
+    def pending_pixels() -> int:
+        return sum(len(group) * h * w for (h, w), group in pending.items())
+
+    for name, image in items:
+        x = network_input(image, geometry)
+        shape = np.shape(image)
+        if needs_tiling(x.shape, geometry):
+            maps = run_tiled(model, x, geometry, batch_size, return_stages)
+            yield _prediction(name, shape, maps, geometry, return_stages)
+            continue
+        pending.setdefault(x.shape, []).append((name, shape, x))
+        if len(pending[x.shape]) >= batch_size:
+            yield from flush(x.shape)
+        elif pending_pixels() > MAX_PENDING_PIXELS:
+            yield from flush(max(pending, key=lambda k: len(pending[k]) * k[0] * k[1]))
+    for key in list(pending):
+        yield from flush(key)
+
+
+def predict(model: nn.Module, image: np.ndarray, geometry: Geometry = Geometry(),
+            return_stages: bool = False) -> Prediction:
+    """The prediction for one image (H, W) float32 in [0, 1]."""
+    return next(iter_predictions(model, [("image", image)], geometry, 1, return_stages))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export: files in, results out
+# ----------------------------------------------------------------------------------------------------------
+
+class ExportError(ValueError):
+    """A problem the user has to fix before an export can run (paths, existing results, unreadable images)."""
+
+
+def write_prediction(prediction: Prediction, out_dir: str | Path) -> None:
+    """results layout of the release: img/<stem>.png (round(sigmoid(T) * 255), 8-bit) and mat/<stem>.mat
+    (T logits, B and D of the last stage, float32 (H, W))."""
+    out_dir = Path(out_dir)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    (out_dir / "mat").mkdir(parents=True, exist_ok=True)
+    png_path = out_dir / "img" / f"{prediction.name}.png"
+    ok, encoded = cv2.imencode(".png", to_png(prediction.T))
+    if not ok:
+        raise OSError(f"{png_path}: could not encode the prediction as PNG")
+    encoded.tofile(str(png_path))
+    scipy.io.savemat(out_dir / "mat" / f"{prediction.name}.mat",
+                     {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
+
+
+def existing_results(out_dir: str | Path) -> list[Path]:
+    """Files already in <out>/img, <out>/mat or <out>/vis."""
+    out_dir = Path(out_dir)
+    return sorted(p for sub in RESULT_FOLDERS if (out_dir / sub).is_dir() for p in (out_dir / sub).iterdir())
+
+
+def find_mask(mask_dir: Path | None, stem: str) -> Path | None:
+    """<mask_dir>/<stem>.<any image suffix>, or None."""
+    if mask_dir is None or not mask_dir.is_dir():
+        return None
+    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        path = mask_dir / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+@dataclass
+class ExportSummary:
+    """What an export did: images written, files skipped (with the reason), seconds spent in the loop."""
+
+    written: int = 0
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    panels: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else math.nan
+
+
+def export(model: nn.Module, files: list[Path], out_dir: str | Path, geometry: Geometry = Geometry(),
+           batch_size: int = 1, strict: bool = False, visualize: bool = False, mask_dir: Path | None = None,
+           progress: bool = True, warn: Callable[[str], None] | None = None) -> ExportSummary:
+    """Predict every image file in ``files`` with a prepared model and write img/, mat/ (and vis/) under ``out_dir``.
+
+    An unreadable image is reported through ``warn`` (default: stderr, above the progress bar) and skipped
+    (``ExportError`` with ``strict``). With ``visualize``, a decomposition panel per image goes to
+    <out>/vis/<stem>.png, with the ground truth of <mask_dir>/<stem>.* when it exists.
+    """
+    out_dir = Path(out_dir)
+    duplicates = sorted(stem for stem, count in Counter(f.stem for f in files).items() if count > 1)
+    if duplicates:
+        raise ExportError(f"several input files share the name(s) {duplicates[:5]} (different suffixes); "
+                          f"their results would overwrite each other: rename or move them")
+    summary = ExportSummary()
+    images: dict[str, np.ndarray] = {}
+    bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
+    warn = warn or (lambda message: tqdm.write(message, file=sys.stderr))
+
+    def readable() -> Iterator[tuple[str, np.ndarray]]:
+        for path in files:
+            try:
+                image = read_gray(path)
+            except ImageReadError as error:
+                if strict:
+                    raise ExportError(f"{error} (stopped because of --strict; without it the file is skipped)")
+                summary.skipped.append(str(error))
+                warn(f"skipped: {error}")
+                bar.update(1)
+                continue
+            if visualize:
+                images[path.stem] = image
+            yield path.stem, image
+
+    start = time.perf_counter()
+    try:
+        for prediction in iter_predictions(model, readable(), geometry, batch_size, return_stages=visualize):
+            write_prediction(prediction, out_dir)
+            if visualize:
+                from utils.visualization import save_panel   # here: matplotlib loads only when needed
+                image = images.pop(prediction.name)
+                mask_path = find_mask(mask_dir, prediction.name)
+                mask = _read_mask_for(mask_path, image.shape, geometry, warn) if mask_path else None
+                shown = resize_image(image, prediction.T.shape) if geometry.resize else image
+                save_panel(out_dir / "vis" / f"{prediction.name}.png", shown, prediction, mask)
+                summary.panels += 1
+            summary.written += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _read_mask_for(path: Path, image_shape: tuple[int, int], geometry: Geometry,
+                   warn: Callable[[str], None]) -> np.ndarray | None:
+    """A mask brought to the prediction's size (nearest neighbour), or None (with a note) when unreadable."""
+    try:
+        mask = read_mask(path)
+    except ImageReadError as error:
+        warn(f"mask not shown: {error}")
+        return None
+    size = (geometry.resize, geometry.resize) if geometry.resize else tuple(image_shape)
+    if mask.shape != size:
+        mask = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT) > 0
+    return mask
+
+
+def dataset_images(data_root: str | Path, name: str) -> tuple[list[Path], Path]:
+    """The test images of <data_root>/<name>/test/images and the folder of their masks."""
+    root = Path(data_root)
+    folder = root / name / "test" / "images"
+    if not folder.is_dir():
+        known = sorted(p.name for p in root.iterdir() if (p / "test" / "images").is_dir()) if root.is_dir() else []
+        raise ExportError(f"{folder}: no such folder. A data set lives in <data-root>/<name>/test/images "
+                          f"(see datasets/README.md); data sets found under {root}: {known or 'none'}; "
+                          f"use --data-root to look elsewhere, or --input for any folder of images")
+    files = list_images(folder)
+    if not files:
+        raise ExportError(f"{folder}: holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files, root / name / "test" / "masks"
+
+
+def input_images(path: str | Path) -> list[Path]:
+    """One image file, or the image files directly inside a folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such file or folder")
+    files = list_images(path)
+    if not files:
+        raise ExportError(f"{path}: holds no image files ({', '.join(IMAGE_SUFFIXES)}) directly inside it")
+    return files
+
+
+def default_weights(dataset: str | None, weight_root: str | Path = "Weight") -> Path:
+    """Weight/<dataset>/best.pkl, which training writes; an error that says what to do when it is absent."""
+    if dataset is None:
+        raise ExportError("no weights given: pass --weights FILE (a checkpoint of this project or a release best.pkl)")
+    path = Path(weight_root) / dataset / "best.pkl"
+    if not path.is_file():
+        raise ExportError(f"no weights given and {path} does not exist: train first "
+                          f"(python run_0.py --dataset {dataset}) or pass --weights FILE "
+                          f"(a checkpoint of this project or an authors' best.pkl)")
+    return path
+
+
+def check_output(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds results, unless ``overwrite``."""
+    found = existing_results(out_dir)
+    if found and not overwrite:
+        raise ExportError(f"{out_dir} already holds {len(found)} result file(s) (e.g. {found[0]}); they are kept. "
+                          f"Pass --overwrite to write over them, or --out to choose another folder")
