@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from model.dconet import SIZE_MULTIPLE, StageOutput
 from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask
+from utils.data import resize_image, resize_mask
 
 MAPS_PER_STAGE = 3                 # B, T, D: the channel order of the map stacks below
 MAX_PENDING_PIXELS = 1 << 25       # images waiting for a batch of their size, at most (~128 MB of float32)
@@ -192,11 +193,6 @@ def pad_to_multiple(image: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndar
         return image
     mode = "reflect" if min(h, w) > 1 else "edge"
     return np.pad(image, ((0, ph - h), (0, pw - w)), mode=mode)
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (cv2.INTER_LINEAR, as the training data) of a float32 (H, W) image to ``size`` = (H, W)."""
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def network_input(image: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -438,7 +434,7 @@ def _read_mask_for(path: Path, image_shape: tuple[int, int], geometry: Geometry,
         return None
     size = (geometry.resize, geometry.resize) if geometry.resize else tuple(image_shape)
     if mask.shape != size:
-        mask = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT) > 0
+        mask = resize_mask(mask, size)
     return mask
 
 
