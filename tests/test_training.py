@@ -18,7 +18,7 @@ from model import load_checkpoint, load_model
 from utils.losses import soft_iou_loss
 from utils.schedule import poly_lr, poly_scheduler
 from utils.synthetic import write_dataset
-from utils.training import TrainConfig, TrainingError, fit, main, parse_config
+from utils.training import TrainingError, fit, main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 

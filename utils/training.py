@@ -6,27 +6,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import DCONet, DCONetConfig, load_checkpoint, save_checkpoint
-from model.checkpoint import CheckpointError, model_from_payload
+from model.checkpoint import CheckpointError
 
 from . import distributed as dist_utils
+from .data import DatasetError, build_datasets
 from .losses import dconet_loss
 from .metrics import PRESETS, Evaluator
 from .schedule import poly_scheduler
+from .synthetic import ensure_demo_dataset
 
 RUN_FILES = ("best.pkl", "latest.pkl", "config.json", "log.txt")
 
@@ -35,35 +35,42 @@ class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
 
 
+def _setting(default, help_text: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help_text, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run. The defaults are the authors' recipe (DCONET.md section 6)."""
 
-    dataset: str = "IRSTD-1k"      # folder under data_root; "demo" writes and uses the built-in synthetic set
-    data_root: str = "datasets"
-    out: str = ""                  # run folder; "" means Weight/<dataset>
-    epochs: int = 400
-    batch_size: int = 8            # per process under torchrun
-    lr: float = 1e-4               # Adam, no weight decay
-    weight_decay: float = 0.0
-    poly_power: float = 0.9        # lr = base * (1 - it / total) ** power, stepped every iteration
-    base_size: int = 256           # images resized to base_size x base_size (bilinear; masks nearest)
-    crop_size: int = 0             # > 0: random crops of this size for training instead of resizing
-    augment: str = "auto"          # random flips and transpose: auto (sirst_aug only), on, off
-    stage_num: int = 5             # K
-    channels: int = 32
-    mse_weight: float = 0.1        # loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)
-    seed: int = 1
-    val_split: float = 0.0         # > 0: hold this fraction of trainval out and validate on it, not on test
-    save_iter_step: int = 0        # > 0: also validate every this many iterations
-    device: str = "auto"           # auto, cpu, cuda, cuda:N
-    amp: bool = False              # CUDA mixed precision (bf16 where supported, else fp16 with loss scaling)
-    bf16: bool = False             # bf16 autocast on CPU or CUDA
-    compile: bool = False          # torch.compile the model
-    workers: int = -1              # DataLoader workers; -1: 2 on CUDA, 0 on CPU
-    vis_images: int = 4            # prediction images written to TensorBoard at each validation
-    resume: bool = False
-    overwrite: bool = False
+    dataset: str = _setting("IRSTD-1k", "data set folder under --data-root (NUDT-SIRST, IRSTD-1k, sirst_aug, "
+                                        "NUAA-SIRST or any other in that layout), or 'demo': the built-in synthetic set")
+    data_root: str = _setting("datasets", "folder holding the data sets")
+    out: str = _setting("", "run folder (default: Weight/<dataset>)")
+    epochs: int = _setting(400, "training epochs")
+    batch_size: int = _setting(8, "images per iteration (per process under torchrun)")
+    lr: float = _setting(1e-4, "Adam learning rate")
+    weight_decay: float = _setting(0.0, "Adam weight decay")
+    poly_power: float = _setting(0.9, "poly schedule: lr = base * (1 - it / total) ** power, stepped every iteration")
+    base_size: int = _setting(256, "images resized to base_size x base_size (bilinear; masks nearest)")
+    crop_size: int = _setting(0, "> 0: train on random crops of this size (after the resize)")
+    augment: str = _setting("auto", "random flips and transpose: auto (sirst_aug only, as the release), on, off",
+                            ("auto", "on", "off"))
+    stage_num: int = _setting(5, "K, the number of stages")
+    channels: int = _setting(32, "width of the BSGU cell and the reconstruction network")
+    mse_weight: float = _setting(0.1, "loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)")
+    seed: int = _setting(1, "seed of initialisation, shuffling, augmentation and the val split")
+    val_split: float = _setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
+                                     "(default: validate on the test split, as the release)")
+    save_iter_step: int = _setting(0, "> 0: also validate every this many iterations")
+    device: str = _setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    amp: bool = _setting(False, "CUDA mixed precision (bf16 where supported, else fp16 with loss scaling)")
+    bf16: bool = _setting(False, "bf16 autocast on CPU or CUDA")
+    compile: bool = _setting(False, "torch.compile the model")
+    workers: int = _setting(-1, "DataLoader worker processes (-1: 2 on CUDA, 0 on CPU)")
+    vis_images: int = _setting(4, "validation images shown in TensorBoard")
+    resume: bool = _setting(False, "continue the run in the run folder from its latest.pkl")
+    overwrite: bool = _setting(False, "start afresh in a run folder that already holds a run (its files are replaced)")
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("Weight") / self.dataset
@@ -77,38 +84,36 @@ class TrainConfig:
 # A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
 DEMO_DEFAULTS = dict(epochs=12, base_size=64, stage_num=2, lr=1e-3)
 
-_ARG_HELP = {
-    "dataset": "data set folder under --data-root (NUDT-SIRST, IRSTD-1k, sirst_aug, NUAA-SIRST, any other), "
-               "or 'demo' for the built-in synthetic set",
-    "out": "run folder (default Weight/<dataset>)",
-    "val_split": "hold this fraction of trainval out for validation and best.pkl (default: validate on test)",
-    "resume": "continue the run in the run folder from its latest.pkl",
-    "overwrite": "start afresh in a run folder that already holds a run (its files are replaced)",
-}
-
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train DCONet with the release's recipe.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TrainConfig()
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items())
+    parser = argparse.ArgumentParser(
+        description="Train DCONet with the authors' recipe; every default below is the release's. "
+                    f"With --dataset demo, settings not given default to {demo}.")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = _ARG_HELP.get(f.name, f.name.replace("_", " "))
-        if isinstance(default, bool):
+        help_text = f.metadata["help"]
+        if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=None, help=f"{help_text} (default {default!r})")
+            parser.add_argument(flag, type=type(f.default), default=None, choices=f.metadata["choices"],
+                                metavar=None if f.metadata["choices"] else f.name.upper(),
+                                help=f"{help_text} (default: {f.default!r})")
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from command-line arguments; --dataset demo fills what is left out from DEMO_DEFAULTS."""
+def parse_command_line(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """(TrainConfig, the names of the settings given) from command-line arguments; with --dataset demo the
+    settings left out come from DEMO_DEFAULTS."""
     given = {k: v for k, v in vars(build_arg_parser().parse_args(argv)).items() if v is not None}
     config = TrainConfig(**given)
     if config.dataset == "demo":
         config = replace(config, **{k: v for k, v in DEMO_DEFAULTS.items() if k not in given})
-    return config
+    return config, frozenset(given)
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    return parse_command_line(argv)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,10 +283,8 @@ class Run:
         seed_everything(config.seed)
 
         if config.dataset == "demo" and self.info.is_main:
-            from .synthetic import ensure_demo_dataset
             ensure_demo_dataset(config.data_root, **DEMO_DATA)
         dist_utils.barrier(self.info)
-        from .data import build_datasets
         self.data = build_datasets(config.data_root, config.dataset, base_size=config.base_size,
                                    augment=config.augment_enabled(), crop_size=config.crop_size or None,
                                    val_split=config.val_split, seed=config.seed)
@@ -481,17 +484,14 @@ def fit(config: TrainConfig, explicit: frozenset[str] = frozenset()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_arg_parser()
-    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    config = parse_config(argv)
-    from .data import DatasetError
+    config, given = parse_command_line(argv)
     try:
-        fit(config, frozenset(given))
+        fit(config, given)
     except (TrainingError, DatasetError, CheckpointError, FileExistsError) as error:
         print(f"run_0.py: {error}", file=sys.stderr)
         return 1 if isinstance(error, NonFiniteLossError) else 2
     except KeyboardInterrupt:
-        print(f"run_0.py: interrupted; continue with --resume (latest.pkl holds the last finished epoch)",
+        print("run_0.py: interrupted; continue with --resume (latest.pkl holds the last finished epoch)",
               file=sys.stderr)
         return 130
     return 0
