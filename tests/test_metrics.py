@@ -279,9 +279,21 @@ def test_paper_resizes_prediction_bilinear_and_mask_nearest_to_256():
     direct.update(logits, mask)
     resized = Evaluator(PAPER)
     resized.update(cv2.resize(logits, (256, 256), interpolation=cv2.INTER_LINEAR),
-                   cv2.resize(mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST) > 0)
+                   cv2.resize(mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST_EXACT) > 0)
     assert direct.compute() == resized.compute()
     assert direct.resized_masks == 0
+
+
+def test_masks_are_resized_at_pixel_centres_as_the_data_pipeline_does():
+    # Shrinking 4x: pixel centres (INTER_NEAREST_EXACT, PIL's NEAREST) sample rows/columns 2, 6, 10, ...; plain
+    # INTER_NEAREST samples 0, 4, 8, ... and would shift every small target by half a pixel against the training data.
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[10, 14] = True
+    prediction = np.full((16, 16), -10.0, dtype=np.float32)
+    prediction[2, 3] = 10.0
+    evaluator = Evaluator(STANDARD)
+    evaluator.update(prediction, mask)
+    assert evaluator.compute()["mIoU"] == 1.0 and evaluator.resized_masks == 1
 
 
 def test_update_batch_takes_torch_tensors():

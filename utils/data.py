@@ -34,12 +34,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask
+from utils.imageio import (IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask, resize_image,
+                           resize_mask)
 
 KNOWN_DATASETS = ("NUDT-SIRST", "IRSTD-1k", "sirst_aug", "NUAA-SIRST", "demo")
 SPLITS = ("trainval", "test")
@@ -205,25 +205,6 @@ def locate_split(root: str | Path, name: str, split: str, *, split_file: str | P
 
 
 # ---------------------------------------------------------------- reading and checking
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (cv2.INTER_LINEAR) of a float image to ``size`` = (H, W)."""
-    if image.shape == tuple(size):
-        return image
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a boolean mask to ``size`` = (H, W).
-
-    Uses cv2.INTER_NEAREST_EXACT, which samples pixel centres as PIL's NEAREST does (plain INTER_NEAREST is
-    shifted by half a pixel when shrinking).
-    """
-    if mask.shape == tuple(size):
-        return mask
-    resized = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
-    return resized > 0
-
 
 def _same_aspect(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return abs(math.log((a[0] / a[1]) / (b[0] / b[1]))) <= ASPECT_TOLERANCE

@@ -69,3 +69,22 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask as a boolean array (H, W): any non-zero pixel is target. An all-zero mask is valid."""
     path = Path(path)
     return _to_gray(_read_raw(path), path) > 0
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (cv2.INTER_LINEAR) of a float image to ``size`` = (H, W)."""
+    if image.shape == tuple(size):
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a boolean mask to ``size`` = (H, W).
+
+    Uses cv2.INTER_NEAREST_EXACT, which samples pixel centres as PIL's NEAREST does (plain INTER_NEAREST is
+    shifted by half a pixel when shrinking).
+    """
+    if mask.shape == tuple(size):
+        return mask
+    resized = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+    return resized > 0

@@ -30,9 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-import cv2
 import numpy as np
 from scipy import ndimage, special
+
+from utils.imageio import resize_image, resize_mask
 
 Score = Literal["logit", "sigmoid", "normalised"]
 SCORES = ("logit", "sigmoid", "normalised")
@@ -254,11 +255,7 @@ def resize_pair(logits: np.ndarray, mask: np.ndarray,
     or with ``size`` None the mask to the prediction's size (nearest). Returns (logits, mask, mask_was_resized)."""
     mask_resized = mask.shape != logits.shape
     target = logits.shape if size is None else tuple(size)
-    if logits.shape != target:
-        logits = cv2.resize(logits, (target[1], target[0]), interpolation=cv2.INTER_LINEAR)
-    if mask.shape != target:
-        mask = cv2.resize(mask.astype(np.uint8), (target[1], target[0]), interpolation=cv2.INTER_NEAREST) > 0
-    return logits, mask, mask_resized
+    return resize_image(logits, target), resize_mask(mask, target), mask_resized
 
 
 def area_under_curve(fpr: np.ndarray, tpr: np.ndarray) -> float:
