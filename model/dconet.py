@@ -5,10 +5,13 @@ Small Target Detection", IEEE GRSL 22, 2025, https://doi.org/10.1109/LGRS.2025.3
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .bsgu import BSGU
 from .config import DCONetConfig
@@ -43,6 +46,42 @@ class DCONetStage(nn.Module):
         return StageOutput(B, T, D), c
 
 
+@contextmanager
+def frozen_running_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside the block, training-mode BatchNorm layers of ``module`` run exactly as usual (same operations,
+    batch statistics); on leaving it their running statistics and ``num_batches_tracked`` are put back to
+    what they were on entering. Used for recomputation, which must not count a batch twice."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def _run_checkpointed(stage: DCONetStage, D: torch.Tensor, T: torch.Tensor,
+                      c: torch.Tensor | None) -> tuple[StageOutput, torch.Tensor]:
+    """stage(D, T, c) keeping only its inputs for the backward pass, which runs the stage again first.
+
+    The recomputation sees the same input and the same batch statistics, so it reproduces the forward exactly;
+    it must not update the BatchNorm running statistics a second time, so it runs with them frozen.
+    """
+    calls = 0
+
+    def run(D: torch.Tensor, T: torch.Tensor, c: torch.Tensor | None):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return stage(D, T, c)
+        with frozen_running_statistics(stage):
+            return stage(D, T, c)
+
+    return checkpoint(run, D, T, c, use_reentrant=False, preserve_rng_state=False)
+
+
 class DCONet(nn.Module):
     """The dual-task collaborative optimization network.
 
@@ -52,6 +91,11 @@ class DCONet(nn.Module):
     forward(x) takes a grayscale image batch (N, 1, H, W) in [0, 1], H and W multiples of 32, and returns
     (D, T): the last stage's reconstruction and target logits (sigmoid(T) > 0.5 is a target pixel).
     ``forward(x, return_stages=True)`` returns (D, T, stages) with one ``StageOutput`` per stage.
+
+    ``set_checkpointing(True)`` trades time for memory in training: each stage but the last keeps only its
+    inputs for the backward pass and runs again there (one more forward pass of K - 1 stages; activation
+    memory of about one stage instead of K).
+    Outputs, gradients and BatchNorm running statistics are those of the plain forward.
     """
 
     def __init__(self, config: DCONetConfig | None = None):
@@ -59,7 +103,21 @@ class DCONet(nn.Module):
         self.config = config or DCONetConfig()
         self.stages = nn.ModuleList(
             DCONetStage(self.config.channels, first_stage=(k == 0)) for k in range(self.config.stage_num))
+        self.checkpointing = False
         self.reset_parameters()
+
+    def set_checkpointing(self, enabled: bool = True) -> "DCONet":
+        """Recompute each stage's activations in the backward pass instead of keeping them (training only)."""
+        self.checkpointing = bool(enabled)
+        return self
+
+    def set_channels_last(self, enabled: bool = True) -> "DCONet":
+        """Keep weights and activations in (N, H, W, C) layout, oneDNN's and cuDNN's native one (same results)."""
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        for module in self.modules():
+            if hasattr(module, "nhwc"):
+                module.nhwc = bool(enabled)
+        return self
 
     def reset_parameters(self) -> None:
         """The release's initialisation: xavier-normal conv weights, BN weight 1 and bias 0, zero BSGU biases."""
@@ -95,8 +153,12 @@ class DCONet(nn.Module):
         T = torch.zeros_like(x)
         c = None
         stages: list[StageOutput] = []
-        for stage in self.stages:
-            out, c = stage(D, T, c)
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
+        last = len(self.stages) - 1
+        for k, stage in enumerate(self.stages):
+            # The last stage's backward runs first, before any recomputation: keeping its activations costs
+            # no extra peak memory, so it is not recomputed.
+            out, c = _run_checkpointed(stage, D, T, c) if recompute and k < last else stage(D, T, c)
             D, T = out.D, out.T
             if return_stages:
                 stages.append(out)

@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops import conv_from_one, conv_to_one
+
 
 class Reconstruction(nn.Module):
-    """conv3x3(1->C)+BN+ReLU, two x [conv3x3(C->C)+BN+ReLU], conv3x3(C->1)."""
+    """conv3x3(1->C)+BN+ReLU, two x [conv3x3(C->C)+BN+ReLU], conv3x3(C->1).
+
+    The one-channel convolutions at either end run as matrix products (``model.ops``)."""
 
     def __init__(self, channels: int = 32):
         super().__init__()
@@ -17,6 +21,10 @@ class Reconstruction(nn.Module):
             width_in = channels
         layers.append(nn.Conv2d(channels, 1, 3, padding=1))
         self.body = nn.Sequential(*layers)
+        self.nhwc = False     # keep the C-channel activations in (N, H, W, C) layout (channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)                                         # (N, 1, H, W) -> (N, 1, H, W)
+        first, last = self.body[0], self.body[-1]
+        x = conv_from_one(x, first.weight, first.bias, self.nhwc)  # (N, 1, H, W) -> (N, C, H, W)
+        x = self.body[1:-1](x)
+        return conv_to_one(x, last.weight, last.bias)               # (N, C, H, W) -> (N, 1, H, W)
