@@ -1,10 +1,11 @@
 """Convolution shapes that general-purpose kernels run far below the machine's speed, computed another way.
 
 DCONet works on one-channel images: several of its convolutions read one channel (C_in = 1) or write one
-(C_out = 1) at full resolution. oneDNN runs those, and especially their backward passes, at a few GFLOP/s.
-Here they become matrix products over the k*k shifted copies of the one-channel plane, which run at matrix
-speed. Each function computes what ``F.conv2d`` computes (stride 1, 'same' zero padding), in any memory
-layout, to float rounding; backward passes are written out so that no full-size temporary is made per tap.
+(C_out = 1) at full resolution. oneDNN runs the backward passes of both, and the forward pass of C_out = 1, at
+a few GFLOP/s. Here those become matrix products over the k*k shifted copies of the one-channel plane, which
+run at matrix speed. Each function computes what ``F.conv2d`` computes (stride 1, 'same' zero padding), in
+NCHW or NHWC layout, to float rounding; the backward passes are written out so that no full-size temporary
+is made per tap.
 """
 from __future__ import annotations
 
