@@ -189,6 +189,21 @@ def to_release_state_dict(model: DCONet) -> dict[str, torch.Tensor]:
     return dict(sorted(out.items(), key=lambda kv: _release_sort_key(kv[0])))
 
 
+def release_gradients(model: DCONet) -> dict[str, torch.Tensor]:
+    """The gradients of ``model``'s parameters after a backward pass, keyed by the release's parameter names
+    (a fused parameter's gradient split as its weight is); parameters without a gradient are left out."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    grads: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        entries = _release_entries(name)
+        blocks = param.grad.chunk(len(entries), dim=0) if len(entries) > 1 else (param.grad,)
+        grads.update({release_key: block for (release_key, _), block in zip(entries, blocks)})
+    return grads
+
+
 def _release_sort_key(key: str) -> tuple:
     m = re.match(r"decos\.(\d+)\.(lowrank\.convs|lowrank\.unet|sparse|merge)", key)
     order = {"lowrank.convs": 0, "lowrank.unet": 1, "sparse": 2, "merge": 3}

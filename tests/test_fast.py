@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import shared_path
 from model import DCONet, DCONetConfig, from_release_state_dict, to_release_state_dict
 from model.bsgu import BSGU
-from model.checkpoint import _release_entries
+from model.checkpoint import release_gradients
 from model.fast import BF16_T_RTOL, optimize_for_inference
 from model.ops import conv_from_one, conv_to_one
 
@@ -205,11 +205,7 @@ def test_training_switches_match_reference(reference, checkpointing, channels_la
     loss = torch.sigmoid(T).mean() + 0.1 * ((D - x) ** 2).mean()
     assert abs(loss.item() - reference["loss"].item()) < 1e-5
     loss.backward()
-    grads = {}
-    for name, param in model.named_parameters():
-        entries = _release_entries(name)
-        blocks = param.grad.chunk(len(entries), 0) if len(entries) > 1 else (param.grad,)
-        grads.update({release_key: g for (release_key, _), g in zip(entries, blocks)})
+    grads = release_gradients(model)
     for key, expected in reference["grads"].items():
         assert _rel(grads[key], expected) < GRAD_RTOL, key
     after, expected = to_release_state_dict(model), reference["train"]["state_dict_after"]

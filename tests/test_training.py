@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import utils.training as training
-from model import load_checkpoint, load_model
+from model import DCONet, DCONetConfig, load_checkpoint, load_model, optimize_for_inference
+from utils.data import build_datasets
 from utils.losses import soft_iou_loss
 from utils.schedule import poly_lr, poly_scheduler
 from utils.synthetic import write_dataset
@@ -80,6 +82,20 @@ def test_short_run_writes_a_complete_run_folder(data_root, tmp_path):
     assert load_checkpoint(out / "latest.pkl")["train_state"]["epoch"] == 2
     with pytest.raises(TrainingError, match="differ from the stored ones"):
         fit(parse_config(_args(data_root, out, "--resume", "--lr", "5e-4")), frozenset({"lr", "resume"}))
+
+
+def test_validation_runs_the_folded_module_with_the_models_outputs(data_root):
+    config = parse_config(_args(data_root, data_root / "unused"))
+    assert config.memory_format == "channels_last" and not config.checkpointing
+    test = build_datasets(data_root, "tiny", base_size=32, augment=False).test
+    torch.manual_seed(0)
+    model = DCONet(DCONetConfig(stage_num=1)).set_channels_last(True)
+    indices = list(range(len(test)))
+    fast = training.predict_logits(optimize_for_inference(model), test, indices, config, torch.device("cpu"))
+    plain = training.predict_logits(model, test, indices, config, torch.device("cpu"))
+    assert sorted(fast) == indices
+    for i in indices:
+        assert fast[i].shape == (32, 32) and np.allclose(fast[i], plain[i], atol=1e-5), i
 
 
 def test_sigkill_then_resume_reaches_the_same_weights(data_root, tmp_path):

@@ -20,6 +20,7 @@ Typical use (training code validating on images of any size)::
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -37,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model.dconet import SIZE_MULTIPLE, StageOutput
+from model.fast import optimize_for_inference
 from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask
 from utils.data import resize_image, resize_mask
 
@@ -130,15 +132,15 @@ class InferenceModel(nn.Module):
     """A DCONet prepared for inference: forward(x, return_stages) as DCONet's, outputs always float32.
 
     Args:
-        model: the DCONet, or what torch.compile made of it.
-        bf16: run the forward under torch.autocast(dtype=torch.bfloat16).
+        model: the DCONet, the module of ``optimize_for_inference``, or what torch.compile made of either.
+        autocast_bf16: run the forward under torch.autocast(dtype=torch.bfloat16).
         device_type: "cpu" or "cuda", for autocast.
     """
 
-    def __init__(self, model: nn.Module, bf16: bool = False, device_type: str = "cpu"):
+    def __init__(self, model: nn.Module, autocast_bf16: bool = False, device_type: str = "cpu"):
         super().__init__()
         self.model = model
-        self.bf16 = bf16
+        self.autocast_bf16 = autocast_bf16
         self.device_type = device_type
 
     @property
@@ -147,7 +149,7 @@ class InferenceModel(nn.Module):
         return inner.config
 
     def forward(self, x: torch.Tensor, return_stages: bool = False):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             out = self.model(x, return_stages=return_stages)
         if not return_stages:
             return tuple(t.float() for t in out)
@@ -155,25 +157,35 @@ class InferenceModel(nn.Module):
         return D.float(), T.float(), [StageOutput(*(t.float() for t in s)) for s in stages]
 
 
-def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = False,
-                  compile: bool = False) -> nn.Module:
-    """Move ``model`` to ``device``, put it in eval mode (in place: a training loop calls model.train() again
-    after validating) and wrap it for inference.
+def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = False, compile: bool = False,
+                  fast: bool = True) -> InferenceModel:
+    """Move ``model`` to ``device``, put it in eval mode (in place) and wrap it for inference.
 
     Args:
-        bf16: autocast the forward to bfloat16 (outputs are cast back to float32).
-        compile: torch.compile the model (the first call of every input size then compiles, which takes a while).
+        bf16: bfloat16 arithmetic. With ``fast``, the BSGU and the reconstruction run in bfloat16
+            (``model.fast.BF16_PARTS``; T stays within ``BF16_T_RTOL`` of max |T| of float32); without, the whole
+            forward runs under torch.autocast. Outputs are float32 either way.
+        compile: torch.compile the network (the first call of every input size then compiles, which takes minutes).
+        fast: run ``optimize_for_inference(model)``: BatchNorm folded, channels_last, the BSGU in bands; in
+            float32 the same outputs as the model to rounding (about 1e-6) in less time and memory. False runs the
+            model's own forward (for comparison and debugging).
 
     Returns an ``InferenceModel``: call it as the DCONet, ``net(x)`` -> (D, T), ``net(x, True)`` -> (D, T, stages).
+    The folded copy takes the weights as they are now: prepare again after the weights change.
     """
     device = resolve_device(device)
     model = model.to(device).eval()
+    if fast:
+        return InferenceModel(optimize_for_inference(model, bf16=bf16, compile=compile), device_type=device.type)
     net = torch.compile(model) if compile else model
-    return InferenceModel(net, bf16=bf16, device_type=device.type)
+    return InferenceModel(net, autocast_bf16=bf16, device_type=device.type)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """The device of a module's first parameter or, for a folded inference module, its first buffer."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    raise ValueError(f"{type(model).__name__} holds no tensor to tell its device by")
 
 
 # ----------------------------------------------------------------------------------------------------------
