@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from model import CheckpointError, load_model
+from utils.cpu_memory import MODES, configure_cpu_malloc
 from utils.inference import (ExportError, Geometry, check_output, dataset_images, default_weights, export,
                              input_images, prepare_model, resolve_device)
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain", action="store_true",
                         help="run the model's own forward instead of the folded inference module (same outputs to "
                              "about 1e-6, slower; for comparison)")
+    parser.add_argument("--cpu-malloc", default="auto", choices=MODES,
+                        help="CPU memory (glibc): keep freed memory for reuse instead of returning large blocks to "
+                             "the system (auto: keep when running on the CPU); system: the C library's defaults")
     parser.add_argument("--visualize", action="store_true", help="also write a decomposition panel per image to vis/")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--overwrite", action="store_true", help="write into an output folder that holds results")
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         geometry = Geometry(resize=args.resize, tile=args.tile, overlap=args.overlap)
         device = resolve_device(args.device)
+        malloc = configure_cpu_malloc(args.cpu_malloc, device.type)
     except ValueError as error:   # a flag value the message explains
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output(out, args.overwrite)
         model, info = load_model(weights)
         print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device}; "
-              f"{len(files)} image(s), {geometry.describe()}; writing to {out}", flush=True)
+              f"{len(files)} image(s), {geometry.describe()}; {malloc}; writing to {out}", flush=True)
         net = prepare_model(model, device, bf16=args.bf16, compile=args.compile, fast=not args.plain)
         summary = export(net, files, out, geometry, batch_size=args.batch_size, strict=args.strict,
                          visualize=args.visualize, mask_dir=mask_dir, progress=not args.no_progress)

@@ -180,6 +180,9 @@ def _build(case: dict):
 
 
 def child(case: dict) -> dict:
+    sys.path.insert(0, str(REPO))
+    from utils.cpu_memory import configure_cpu_malloc
+    configure_cpu_malloc(case.get("cpu_malloc", "system"), "cpu")     # before the first large allocation
     import torch
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
@@ -216,14 +219,10 @@ def child(case: dict) -> dict:
 # Parent: run, tabulate, write JSON
 # ----------------------------------------------------------------------------------------------------------
 
-HEAP_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
-def run_case(case: dict, timeout: float, env: dict | None = None) -> dict:
+def run_case(case: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(case)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -286,9 +285,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     parser.add_argument("--only", default=None, help="run only the rows whose 'work variant' contains this text")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per configuration")
-    parser.add_argument("--heap-malloc", action="store_true",
-                        help="run the children with glibc keeping freed memory (MALLOC_MMAP_MAX_=0, "
-                             "MALLOC_TRIM_THRESHOLD_=64 GiB) instead of returning it; see benchmarks/README.md")
+    parser.add_argument("--cpu-malloc", choices=("system", "keep"), default="system",
+                        help="the children's C library: its defaults (as the release was measured), or keeping "
+                             "freed memory for reuse, as run_0.py and t_models.py do on the CPU (utils/cpu_memory.py)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO)})")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -306,24 +305,23 @@ def main() -> None:
     if args.only:
         cases = [c for c in cases if args.only in f"{c['kind']} {c['variant']}"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    env = HEAP_MALLOC_ENV if args.heap_malloc else {}
     print(f"DCONet benchmark: {len(cases)} configurations, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average {load}"
-          + (f", children with {' '.join(f'{k}={v}' for k, v in env.items())}" if env else ""))
+          + f", CPU malloc: {args.cpu_malloc}")
     print("release (2-core Zen 4, 2 threads, 256x256, K=5): " + ", ".join(
         f"{k[0]} b{k[1]} {v['time']} s ({v['units']:.0f} units, {v['peak_gb']} GB)" for k, v in RELEASE.items()))
     print(" ".join(name.rjust(width) for name, width in COLUMNS))
     rows = []
     for case in cases:
-        case["threads"] = args.threads
-        result = run_case(case, args.timeout, env)
+        case["threads"], case["cpu_malloc"] = args.threads, args.cpu_malloc
+        result = run_case(case, args.timeout)
         d = derive(case, result)
         rows.append({"case": case, "result": result, "derived": d})
         print(table_row(case, result, d), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
               "cpus": os.cpu_count(), "load_average_at_start": load, "load_average_at_end": os.getloadavg()[0],
-              "child_env": env, "release": {
+              "cpu_malloc": args.cpu_malloc, "release": {
                   f"{k[0]}_b{k[1]}": v for k, v in RELEASE.items()}, "release_gflop_per_image": RELEASE_GFLOP,
               "variants": {"infer": INFER_VARIANTS, "train": TRAIN_VARIANTS}, "rows": rows}
     args.out.write_text(json.dumps(report, indent=1))

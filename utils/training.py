@@ -23,6 +23,7 @@ from model.checkpoint import CheckpointError
 from model.fast import FastDCONet, optimize_for_inference
 
 from . import distributed as dist_utils
+from .cpu_memory import MODES, configure_cpu_malloc
 from .data import DatasetError, build_datasets
 from .losses import dconet_loss
 from .metrics import PRESETS, Evaluator
@@ -72,6 +73,9 @@ class TrainConfig:
                                                    "layout of oneDNN and cuDNN; faster on CPUs, see benchmarks/) "
                                                    "or contiguous (NCHW); the same results",
                                   ("channels_last", "contiguous"))
+    cpu_malloc: str = _setting("auto", "CPU memory (glibc): keep freed memory for reuse instead of returning large "
+                                       "blocks to the system, up to 2x faster steps at batch 8 (auto: keep on the "
+                                       "CPU); system: the C library's defaults", MODES)
     checkpointing: bool = _setting(False, "recompute each stage's activations in the backward pass: about 2.7x "
                                           "less memory for about 1.3x the step time; the same results")
     workers: int = _setting(-1, "DataLoader worker processes (-1: 2 on CUDA, 0 on CPU)")
@@ -271,7 +275,7 @@ def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch
 
 # Settings that may differ between a run and its resumption; every other one must stay as it was.
 RUNTIME_FIELDS = frozenset({"device", "workers", "vis_images", "resume", "overwrite", "compile", "amp", "bf16",
-                            "memory_format", "checkpointing", "save_iter_step", "data_root", "out"})
+                            "memory_format", "checkpointing", "cpu_malloc", "save_iter_step", "data_root", "out"})
 
 
 class Run:
@@ -280,6 +284,7 @@ class Run:
     def __init__(self, config: TrainConfig, explicit: frozenset[str] = frozenset()):
         self.info = dist_utils.init_distributed(select_device(config.device).type)
         self.device = select_device(config.device)
+        self.malloc = configure_cpu_malloc(config.cpu_malloc, self.device.type)
         if self.device.type == "cuda" and self.info.enabled:
             self.device = torch.device("cuda", self.info.local_rank)
         self.run_dir = config.run_dir()
@@ -450,7 +455,7 @@ class Run:
             print("DCONet training configuration:\n" + json.dumps(asdict(config), indent=1))
             for part in ("train", "val"):
                 print(f"  {part}: {getattr(self.data, part).describe()}")
-            print(f"  device {self.device}, {self.info.world_size} process(es), {self.iters_per_epoch} "
+            print(f"  device {self.device} ({self.malloc}), {self.info.world_size} process(es), {self.iters_per_epoch} "
                   f"iterations per epoch, {self.total_iterations} in all; writing to {self.run_dir}")
             if config.resume:
                 self.log(f"resumed after epoch {self.epoch} (iteration {self.global_step})")
