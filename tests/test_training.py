@@ -86,7 +86,7 @@ def test_short_run_writes_a_complete_run_folder(data_root, tmp_path):
 
 def test_validation_runs_the_folded_module_with_the_models_outputs(data_root):
     config = parse_config(_args(data_root, data_root / "unused"))
-    assert config.memory_format == "channels_last" and not config.checkpointing
+    assert config.memory_format == "contiguous" and not config.checkpointing
     test = build_datasets(data_root, "tiny", base_size=32, augment=False).test
     torch.manual_seed(0)
     model = DCONet(DCONetConfig(stage_num=1)).set_channels_last(True)
