@@ -75,8 +75,8 @@ class TrainConfig:
                                                 "train-mode outputs 7e-5 to 1.2e-4 from the release's instead of "
                                                 "1.3e-5)", ("contiguous", "channels_last"))
     cpu_malloc: str = _setting("auto", "CPU memory (glibc): keep freed memory for reuse instead of returning large "
-                                       "blocks to the system, up to 2x faster steps at batch 8 (auto: keep on the "
-                                       "CPU); system: the C library's defaults", MODES)
+                                       "blocks to the system: up to 2x faster steps at batch 8 for a higher peak "
+                                       "(auto: keep on the CPU); system: the C library's defaults", MODES)
     checkpointing: bool = _setting(False, "recompute each stage's activations in the backward pass: about 2.7x "
                                           "less memory for about 1.3x the step time; the same results")
     workers: int = _setting(-1, "DataLoader worker processes (-1: 2 on CUDA, 0 on CPU)")
