@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=4, help="images (of the same size) or tiles per forward")
     parser.add_argument("--bf16", action="store_true",
-                        help="BSGU and reconstruction in bfloat16: faster on CPUs with AVX512-BF16 and on GPUs; T within "
+                        help="BSGU and reconstruction in bfloat16: faster on CPUs with AVX512-BF16; T within "
                              "2%% of max |T| of float32 (with --plain: the whole forward under autocast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (compiling takes minutes)")
     parser.add_argument("--plain", action="store_true",
