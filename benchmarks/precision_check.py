@@ -86,7 +86,8 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", type=Path, required=True, help="a checkpoint of this project or a release best.pkl")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="a checkpoint of this project or a release best.pkl")
     parser.add_argument("--dataset", required=True, help="data set folder under --data-root")
     parser.add_argument("--data-root", type=Path, default=Path("datasets"))
     parser.add_argument("--resize", type=int, default=256, help="network input size (0: native size)")
