@@ -55,6 +55,16 @@ def _as_rows(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
 
+def _in_dtype_of(grad: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The saved tensors in the gradient's dtype (under autocast the backward computes in that dtype)."""
+    return tuple(t.to(grad.dtype) for t in tensors)
+
+
+def _in_dtypes(dtypes: tuple[torch.dtype, ...], *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each gradient in the dtype of the input it belongs to (None stays None)."""
+    return tuple(g.to(d) if g is not None else None for g, d in zip(grads, dtypes))
+
+
 class _ConvFromOne(torch.autograd.Function):
     """y = conv2d(x, weight, bias, padding=k // 2) for a one-channel x (N, 1, H, W), weight (C, 1, k, k).
 
@@ -74,7 +84,7 @@ class _ConvFromOne(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         dtypes = x.dtype, weight.dtype
-        x, weight = x.to(grad.dtype), weight.to(grad.dtype)      # autocast: compute in the gradient's dtype
+        x, weight = _in_dtype_of(grad, x, weight)
         c, k = weight.shape[0], weight.shape[-1]
         n, _, h, w = x.shape
         grad_x = grad_w = grad_b = None
@@ -99,8 +109,7 @@ class _ConvFromOne(torch.autograd.Function):
                 wt = weight.view(c, k * k).t()                              # (k*k, C)
                 planes = torch.stack([torch.mm(wt, g[j]) for j in range(n)], dim=1)     # (k*k, N, H*W)
                 grad_x = _add_shifted(planes.view(k * k, n, h, w), k)
-        grad_x = grad_x.to(dtypes[0]) if grad_x is not None else None
-        grad_w = grad_w.to(dtypes[1]) if grad_w is not None else None
+        grad_x, grad_w = _in_dtypes(dtypes, grad_x, grad_w)
         return grad_x, grad_w, grad_b, None
 
 
@@ -128,7 +137,7 @@ class _ConvToOne(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         dtypes = x.dtype, weight.dtype
-        x, weight = x.to(grad.dtype), weight.to(grad.dtype)      # autocast: compute in the gradient's dtype
+        x, weight = _in_dtype_of(grad, x, weight)
         c, k = weight.shape[1], weight.shape[-1]
         r = k // 2
         n, _, h, w = x.shape
@@ -153,8 +162,7 @@ class _ConvToOne(torch.autograd.Function):
                 grad_w = grad_w.t().reshape(weight.shape)
             if ctx.needs_input_grad[0]:
                 grad_x = torch.stack([torch.mm(taps.t(), per_image[j]) for j in range(n)]).view(n, c, h, w)
-        grad_x = grad_x.to(dtypes[0]) if grad_x is not None else None
-        grad_w = grad_w.to(dtypes[1]) if grad_w is not None else None
+        grad_x, grad_w = _in_dtypes(dtypes, grad_x, grad_w)
         return grad_x, grad_w, grad_b
 
 
