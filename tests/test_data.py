@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from conftest import shared_path
 from utils.data import (DatasetError, DatasetWarning, SirstDataset, build_datasets, locate_split, read_split_file,
-                        split_train_val, validate_split)
+                        split_train_val, target_pixels, validate_split)
 
 
 def _write(path: Path, array: np.ndarray) -> Path:
@@ -49,12 +49,14 @@ _BGR = _RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
 _BGRA = np.dstack([_BGR, _RNG.integers(0, 256, (20, 30), dtype=np.uint8)])
 _SMOOTH = cv2.GaussianBlur(_GRAY8, (0, 0), 3)  # JPEG keeps smooth content close to the original
 
+RELEASE_READ = None  # expected gray: what the release's cv2.imread(path, 0) reads from the file, / 255
+
 KINDS = {  # name: (suffix, array written, expected gray in [0, 1], tolerance)
     "gray8_png": (".png", _GRAY8, _GRAY8 / 255.0, 0.0),
-    "gray16_png": (".png", _GRAY16, _GRAY16 / 65535.0, 1e-6),
-    "rgb_png": (".png", _BGR, cv2.cvtColor(_BGR, cv2.COLOR_BGR2GRAY) / 255.0, 0.0),
-    "rgba_png": (".png", _BGRA, cv2.cvtColor(_BGR, cv2.COLOR_BGR2GRAY) / 255.0, 0.0),
-    "bmp": (".bmp", _BGR, cv2.cvtColor(_BGR, cv2.COLOR_BGR2GRAY) / 255.0, 0.0),
+    "gray16_png": (".png", _GRAY16, _GRAY16 / 65535.0, 1e-6),        # 16 bits kept (the release cuts to 8)
+    "rgb_png": (".png", _BGR, RELEASE_READ, 0.0),
+    "rgba_png": (".png", _BGRA, RELEASE_READ, 0.0),
+    "bmp": (".bmp", _BGR, RELEASE_READ, 0.0),
     "jpg": (".jpg", _SMOOTH, _SMOOTH / 255.0, 6 / 255),
     "tiff16": (".tif", _GRAY16, _GRAY16 / 65535.0, 1e-6),
 }
@@ -63,25 +65,31 @@ KINDS = {  # name: (suffix, array written, expected gray in [0, 1], tolerance)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_image_kind_reads_as_one_gray_channel(tmp_path, kind):
     suffix, array, expected, tolerance = KINDS[kind]
-    _write(tmp_path / "set" / "test" / "images" / f"a{suffix}", array)
+    path = _write(tmp_path / "set" / "test" / "images" / f"a{suffix}", array)
     _write(tmp_path / "set" / "test" / "masks" / "a.png", _square_mask(array.shape[:2]))  # other suffix: fine
+    if expected is RELEASE_READ:
+        expected = cv2.imread(str(path), 0) / 255.0
+        luma = cv2.cvtColor(array[..., :3], cv2.COLOR_BGR2GRAY) / 255.0
+        assert np.abs(expected - luma).max() <= 1 / 255 + 1e-9          # the decoder's own colour conversion
     item = SirstDataset.from_folder(tmp_path, "set", "test", mode="native")[0]
     assert item["image"].shape == (1, 20, 30) and item["image"].dtype == torch.float32
     assert item["stem"] == "a" and item["size"].tolist() == [20, 30]
     np.testing.assert_allclose(item["image"][0].numpy(), expected, atol=tolerance + 1e-7)
 
 
-def test_masks_are_binarised_and_empty_masks_are_valid(tmp_path):
+def test_labels_are_mask_over_its_maximum_and_empty_masks_are_valid(tmp_path):
     mask = np.zeros((16, 16), np.uint8)
-    mask[2, 3], mask[4, 5], mask[6, 7] = 1, 128, 255
+    mask[2, 3], mask[4, 5], mask[6, 7] = 51, 102, 204
     _write(tmp_path / "set" / "test" / "images" / "full.png", np.full((16, 16), 90, np.uint8))
     _write(tmp_path / "set" / "test" / "masks" / "full.bmp", mask)
     _write(tmp_path / "set" / "test" / "images" / "none.png", np.full((16, 16), 90, np.uint8))
     _write(tmp_path / "set" / "test" / "masks" / "none.png", np.zeros((16, 16), np.uint8))
     data = SirstDataset.from_folder(tmp_path, "set", "test", mode="native")
     full, none = data[0], data[1]
-    assert full["mask"].dtype == torch.float32 and set(full["mask"].unique().tolist()) == {0.0, 1.0}
+    assert full["mask"].dtype == torch.float32
     assert torch.nonzero(full["mask"][0]).tolist() == [[2, 3], [4, 5], [6, 7]]
+    assert full["mask"][0, [2, 4, 6], [3, 5, 7]].tolist() == pytest.approx([0.25, 0.5, 1.0])   # the release's soft labels
+    assert torch.nonzero(target_pixels(full["mask"][0])).tolist() == [[6, 7]]               # its validation labels
     assert none["stem"] == "none" and none["mask"].sum() == 0
 
 
@@ -97,10 +105,28 @@ def test_paper_mode_resizes_to_base_size(tmp_path):
             assert set(item["mask"].unique().tolist()) <= {0.0, 1.0} and item["mask"].sum() > 0
             assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
         assert data[1]["size"].tolist() == [30, 70]  # sorted by stem: tall, wide
-    # nearest neighbour samples pixel centres (as PIL's NEAREST): output pixel i reads input floor((i + 0.5) * in/out)
-    rows, cols = ((np.arange(64) + 0.5) * 30 / 64).astype(int), ((np.arange(64) + 0.5) * 70 / 64).astype(int)
+    # the release's INTER_NEAREST: output pixel i reads input floor(i * in / out)
+    rows, cols = (np.arange(64) * 30 / 64).astype(int), (np.arange(64) * 70 / 64).astype(int)
     expected = _square_mask((30, 70), 10, 30, 10)[rows][:, cols] > 0
     np.testing.assert_array_equal(data[1]["mask"][0].numpy(), expected)
+
+
+def test_paper_mode_is_the_release_geometry_on_8_bit_images(tmp_path):
+    """The 8-bit image is resized as 8 bits (INTER_LINEAR), then / 255; resizing the float image instead
+    differs by up to 0.5 / 255. The mask is resized with INTER_NEAREST, then divided by its maximum."""
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    mask = np.zeros((37, 53), np.uint8)
+    mask[11:14, 20:23] = 200
+    _write(tmp_path / "set" / "trainval" / "images" / "a.png", image)
+    _write(tmp_path / "set" / "trainval" / "masks" / "a.png", mask)
+    item = SirstDataset.from_folder(tmp_path, "set", "trainval", base_size=32)[0]
+    release = cv2.resize(image, (32, 32), interpolation=cv2.INTER_LINEAR) / 255.0
+    np.testing.assert_allclose(item["image"][0].numpy(), release, atol=1e-7)
+    from_float = cv2.resize(image.astype(np.float32) / 255, (32, 32), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(from_float - release).max() > 0.2 / 255              # the rule this test tells apart
+    labels = cv2.resize(mask, (32, 32), interpolation=cv2.INTER_NEAREST) / 200.0
+    np.testing.assert_array_equal(item["mask"][0].numpy(), labels.astype(np.float32))
 
 
 def test_cached_and_uncached_items_are_identical(tmp_path):

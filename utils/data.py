@@ -11,7 +11,7 @@ Typical use from a training script::
     for epoch in range(epochs):
         splits.train.set_epoch(epoch)           # new, reproducible augmentation draws each epoch
         for batch in DataLoader(splits.train, batch_size=8, shuffle=True): ...
-            # batch["image"]: (N, 1, 256, 256) float32 in [0, 1]; batch["mask"]: (N, 1, 256, 256) float32 {0, 1}
+            # batch["image"]: (N, 1, 256, 256) float32 in [0, 1]; batch["mask"]: (N, 1, 256, 256) float32 in [0, 1]
 
 Every data set is checked when it is built: all problems (missing or empty folders, images without masks and
 masks without images, unreadable files, image/mask size mismatches) are gathered into one ``DatasetError``
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.imageio import (IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask, resize_image,
-                           resize_mask)
+from utils.imageio import (IMAGE_SUFFIXES, ImageReadError, list_images, read_image, read_mask, release_image,
+                           resize_mask_centres, resize_nearest, soft_labels, to_unit)
 
 KNOWN_DATASETS = ("NUDT-SIRST", "IRSTD-1k", "sirst_aug", "NUAA-SIRST", "demo")
 SPLITS = ("trainval", "test")
@@ -214,7 +214,7 @@ def _read_pair(pair: Pair) -> tuple[np.ndarray | None, np.ndarray | None, list[s
     image = mask = None
     problems = []
     try:
-        image = read_gray(pair.image)
+        image = read_image(pair.image)
     except ImageReadError as error:
         problems.append(f"unreadable image: {error}")
     try:
@@ -307,21 +307,28 @@ def split_train_val(files: SplitFiles, fraction: float, seed: int = 1) -> tuple[
 
 # ---------------------------------------------------------------- the Dataset
 
+def target_pixels(labels):
+    """Hard labels from the soft ``labels`` of a ``SirstDataset`` item (numpy array or tensor): the pixels at the
+    mask's maximum (label 1), as the release's validation counts them ((mask / max).astype(int64))."""
+    return labels >= 1.0
+
+
 class SirstDataset(Dataset):
     """(image, mask) samples of one split of an infrared small-target data set.
 
     Each item is a dict:
         ``image``: (1, H, W) float32 in [0, 1] (any gray/RGB/RGBA, 8/16-bit file, read as gray luma);
-        ``mask``:  (1, H, W) float32 in {0, 1} (mask pixels > 0; an all-zero mask is valid);
+        ``mask``:  (1, H, W) float32 labels mask / max(mask), as the release trains on (0 and 1 for a two-valued
+                   mask; an all-zero mask is valid and stays zero). ``target_pixels`` gives the hard labels;
         ``stem``:  the file stem, str;
         ``size``:  (2,) int64, the image's (H, W) on disk, before any resize or crop.
     The default DataLoader collate stacks these into a batch dict (``stem`` becomes a list).
 
     Args:
         files: ``SplitFiles`` from ``locate_split`` (or ``split_train_val``).
-        mode: ``"paper"``: resize image (bilinear) and mask (nearest) to base_size x base_size, as the release
-            does for training and validation; ``"native"``: keep each image's own size (evaluation; batch 1
-            or use crop_size).
+        mode: ``"paper"``: the release's geometry (``utils.imageio``: the 8-bit image resized with INTER_LINEAR
+            then / 255, the mask with INTER_NEAREST) to base_size x base_size, as the release trains and
+            validates; ``"native"``: each image at its own size (this project's; batch 1 or use crop_size).
         base_size: side of the paper-mode square (the release: 256).
         augment: random horizontal flip, vertical flip and transpose, each with p = 0.5 (the release uses
             them for sirst_aug only). Draws come from ``numpy.random.default_rng([seed, epoch, index])``:
@@ -387,14 +394,17 @@ class SirstDataset(Dataset):
         return f"{self.name}: {len(self)} images, {geometry}{crop}{augment}{cache}"
 
     def _prepare(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """Decoded arrays -> (image (H, W) float32, mask (H, W) bool, size on disk) before augmentation."""
+        """Decoded arrays (as stored on disk) -> (image (H, W) float32 in [0, 1], labels (H, W) float32 in [0, 1],
+        size on disk), before augmentation.
+
+        Paper mode is the release's geometry: the 8-bit image resized with INTER_LINEAR, then / 255; the mask
+        resized with INTER_NEAREST, then labels = mask / max(mask). Native mode keeps the image's size; a mask of
+        another size is brought to it at pixel centres (this project's rule), then labels = mask / max(mask)."""
         size = image.shape
         if self.mode == "paper":
             out = (self.base_size, self.base_size)
-            image = resize_image(image, out)
-        else:
-            out = image.shape
-        return image, resize_mask(mask, out), size
+            return release_image(image, out), soft_labels(resize_nearest(mask, out)), size
+        return to_unit(image), soft_labels(resize_mask_centres(mask, image.shape)), size
 
     def _load(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         image, mask, problems = _read_pair(pair)
@@ -452,7 +462,7 @@ class DataSplits(NamedTuple):
 
 
 def _estimated_bytes(n: int, base_size: int) -> int:
-    return n * base_size * base_size * 5  # float32 image + bool mask per pixel, paper mode
+    return n * base_size * base_size * 8  # float32 image + float32 labels per pixel, paper mode
 
 
 def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256, augment: bool | None = None,

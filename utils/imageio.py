@@ -1,6 +1,23 @@
-"""Reading infrared frames and masks from disk, whatever their format.
+"""Reading infrared frames and masks from disk, and the resizing that the authors' release applies to them.
 
 Every reader here returns plain numpy arrays and raises ``ImageReadError`` naming the file when it cannot.
+
+Images are read as ``cv2.imread(path, 0)`` reads them, the release's call: one gray channel by OpenCV's own
+colour conversion (alpha ignored), kept in the file's own type (uint8; uint16 for 16-bit files, which the
+release would cut to 8 bits). ``to_unit`` brings them to float32 in [0, 1].
+
+The release's geometry (DCONET.md section 9), used wherever the release's pipeline applies (training data
+resized to the recipe's base size, ``t_models.py`` at the trained size or ``--resize``, the paper protocol):
+
+- ``release_image``: resize the 8-bit image with ``cv2.INTER_LINEAR``, then divide by 255;
+- ``resize_nearest``: ``cv2.INTER_NEAREST``, the legacy nearest neighbour (source index floor(dst * scale));
+- ``soft_labels``: training labels mask / max(mask) (all zero for an empty mask);
+- ``release_targets``: the scorer's labels, the pixels equal to the mask's maximum (none for an empty mask,
+  which the release would turn into NaN).
+
+The project's own geometry, where it goes beyond the release (native size, the standard protocol), resizes a
+mask to its image's size with ``resize_mask_centres``: nearest neighbour at pixel centres (cv2.INTER_NEAREST_EXACT,
+PIL's NEAREST), which does not shift a target by half a pixel as the legacy rule does.
 """
 from __future__ import annotations
 
@@ -10,6 +27,7 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+_READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH   # cv2.imread(path, 0), without cutting 16 bits to 8
 
 
 class ImageReadError(ValueError):
@@ -22,41 +40,19 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _read_raw(path: Path) -> np.ndarray:
+def read_image(path: str | Path) -> np.ndarray:
+    """One gray channel (H, W) as ``cv2.imread(path, 0)`` makes it, in the file's type: uint8, uint16 for
+    16-bit files, float32 for float TIFFs (which must lie in [0, 1])."""
+    path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
     data = np.fromfile(str(path), dtype=np.uint8)  # fromfile + imdecode also handles non-ASCII paths
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
+    gray = cv2.imdecode(data, _READ_FLAGS) if data.size else None
+    if gray is None:
         raise ImageReadError(f"{path}: not a readable image (empty, truncated or of an unsupported format); "
                              f"re-export it as PNG or remove it from the data set")
-    return image
-
-
-def _to_gray(image: np.ndarray, path: Path) -> np.ndarray:
-    if image.ndim == 2:
-        return image
-    if image.ndim == 3 and image.shape[2] == 1:
-        return image[:, :, 0]
-    if image.ndim == 3 and image.shape[2] == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)  # ITU-R 601 luma, as PIL's convert("L")
-    if image.ndim == 3 and image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)  # alpha is ignored
-    raise ImageReadError(f"{path}: unexpected image layout {image.shape}; expected gray, RGB or RGBA")
-
-
-def read_gray(path: str | Path) -> np.ndarray:
-    """Read any image as one grayscale float32 channel in [0, 1], shape (H, W).
-
-    8-bit images are divided by 255 and 16-bit ones by 65535; float images are kept as they are
-    (they must already lie in [0, 1]).
-    """
-    path = Path(path)
-    gray = _to_gray(_read_raw(path), path)
-    if gray.dtype == np.uint8:
-        return gray.astype(np.float32) / 255.0
-    if gray.dtype == np.uint16:
-        return gray.astype(np.float32) / 65535.0
+    if gray.dtype in (np.uint8, np.uint16):
+        return gray
     if gray.dtype in (np.float32, np.float64):
         gray = gray.astype(np.float32)
         if not np.isfinite(gray).all():
@@ -65,26 +61,88 @@ def read_gray(path: str | Path) -> np.ndarray:
     raise ImageReadError(f"{path}: unsupported pixel type {gray.dtype}; use 8- or 16-bit images")
 
 
+def to_unit(gray: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1]: 8-bit values / 255, 16-bit values / 65535; float arrays are taken as they are."""
+    gray = np.asarray(gray)
+    if gray.dtype == np.uint8:
+        return gray.astype(np.float32) / np.float32(255.0)
+    if gray.dtype == np.uint16:
+        return gray.astype(np.float32) / np.float32(65535.0)
+    if gray.dtype == np.bool_:
+        return gray.astype(np.float32)
+    return gray.astype(np.float32, copy=False)
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Any image as one grayscale float32 channel in [0, 1], shape (H, W): ``to_unit(read_image(path))``."""
+    return to_unit(read_image(path))
+
+
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask as a boolean array (H, W): any non-zero pixel is target. An all-zero mask is valid."""
-    path = Path(path)
-    return _to_gray(_read_raw(path), path) > 0
+    """A mask (H, W) with its values as stored (read as ``read_image``). Which pixels are target is the reader's
+    rule: non-zero (``mask > 0``, this project's protocols) or equal to the maximum (``release_targets``).
+    An all-zero mask is valid."""
+    return read_image(path)
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (cv2.INTER_LINEAR) of a float image to ``size`` = (H, W)."""
+# ----------------------------------------------------------------------------------------------------------
+# Resizing
+# ----------------------------------------------------------------------------------------------------------
+
+def _dsize(size: tuple[int, int]) -> tuple[int, int]:
+    return int(size[1]), int(size[0])   # cv2 takes (width, height)
+
+
+def resize_linear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.INTER_LINEAR to ``size`` = (H, W) in the array's own type (an 8-bit image stays 8-bit)."""
     if image.shape == tuple(size):
         return image
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(image, _dsize(size), interpolation=cv2.INTER_LINEAR)
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a boolean mask to ``size`` = (H, W).
+def release_image(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The release's network input: the image resized in its own type (uint8 from ``read_image``) with
+    cv2.INTER_LINEAR, then brought to [0, 1]. float32 (H, W) = ``size``."""
+    return to_unit(resize_linear(np.asarray(gray), size))
 
-    Uses cv2.INTER_NEAREST_EXACT, which samples pixel centres as PIL's NEAREST does (plain INTER_NEAREST is
-    shifted by half a pixel when shrinking).
-    """
+
+def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.INTER_NEAREST to ``size`` = (H, W), the release's rule for masks: output pixel i reads source pixel
+    floor(i * in / out)."""
+    mask = np.asarray(mask)
     if mask.shape == tuple(size):
         return mask
-    resized = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
-    return resized > 0
+    source = mask.astype(np.uint8) if mask.dtype == np.bool_ else mask
+    resized = cv2.resize(source, _dsize(size), interpolation=cv2.INTER_NEAREST)
+    return resized.astype(np.bool_) if mask.dtype == np.bool_ else resized
+
+
+def resize_mask_centres(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest neighbour at pixel centres (cv2.INTER_NEAREST_EXACT, PIL's NEAREST) to ``size`` = (H, W): output
+    pixel i reads source pixel floor((i + 0.5) * in / out). This project's rule where the release's geometry
+    does not apply (a mask brought to its image's native size)."""
+    mask = np.asarray(mask)
+    if mask.shape == tuple(size):
+        return mask
+    source = mask.astype(np.uint8) if mask.dtype == np.bool_ else mask
+    resized = cv2.resize(source, _dsize(size), interpolation=cv2.INTER_NEAREST_EXACT)
+    return resized.astype(np.bool_) if mask.dtype == np.bool_ else resized
+
+
+def soft_labels(mask: np.ndarray) -> np.ndarray:
+    """The release's training labels: mask / max(mask) as float32 in [0, 1]; an empty mask stays all zero."""
+    mask = np.asarray(mask, dtype=np.float32)
+    peak = mask.max() if mask.size else 0.0
+    return mask / peak if peak > 0 else np.zeros_like(mask)
+
+
+def release_targets(mask: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The release scorer's target pixels, bool (H, W): (mask / max(mask)).astype(int64) after a
+    ``resize_nearest`` to ``size`` (if given), i.e. the pixels equal to the mask's maximum. An empty mask has
+    no target (in the release it makes 0 / 0)."""
+    mask = np.asarray(mask)
+    peak = mask.max() if mask.size else 0
+    resized = resize_nearest(mask, size) if size is not None else mask
+    if not peak > 0:
+        return np.zeros(resized.shape, dtype=np.bool_)
+    return resized == peak
