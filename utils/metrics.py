@@ -33,10 +33,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from scipy import ndimage, special
 
-from utils.imageio import resize_image, resize_mask
+from utils.imageio import release_targets, resize_linear, resize_mask_centres
 
 Score = Literal["logit", "sigmoid", "normalised"]
 SCORES = ("logit", "sigmoid", "normalised")
+MaskRule = Literal["release", "nonzero"]
+MASK_RULES = ("release", "nonzero")
 METRIC_KEYS = ("mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC")
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -56,8 +58,12 @@ class MetricConfig:
     Args:
         name: shown in reports.
         size: (H, W) every prediction is resized to (bilinear, cv2.INTER_LINEAR, on the logits) together with
-            its mask (nearest); None scores each image at its prediction's own size (a mask of another size is
-            resized to it, nearest).
+            its mask; None scores each image at its prediction's own size (a mask of another size is resized
+            to it).
+        mask_rule: which mask pixels are target, and how a mask is resized. ``"release"``: the release's scorer,
+            pixels equal to the mask's maximum ((mask / max).astype(int64)), resized with cv2.INTER_NEAREST
+            (``utils.imageio.release_targets``); ``"nonzero"``: pixels > 0, resized at pixel centres
+            (cv2.INTER_NEAREST_EXACT). An empty mask has no target under both (the release would divide 0 by 0).
         seg_score, seg_threshold: mIoU, nIoU, Prec, Recall and F1 count a pixel as predicted when
             seg_score > seg_threshold.
         det_score, det_threshold: Pd and Fa count a pixel as predicted when det_score > det_threshold.
@@ -76,6 +82,7 @@ class MetricConfig:
 
     name: str = "standard"
     size: tuple[int, int] | None = None
+    mask_rule: MaskRule = "nonzero"
     seg_score: Score = "sigmoid"
     seg_threshold: float = 0.5
     det_score: Score = "sigmoid"
@@ -91,19 +98,27 @@ class MetricConfig:
     def __post_init__(self) -> None:
         for key in ("seg_score", "det_score", "roc_score"):
             value = getattr(self, key)
-            assert value in SCORES, f"MetricConfig.{key} must be one of {SCORES}, got {value!r}"
-        assert self.size is None or (len(self.size) == 2 and min(self.size) > 0), \
-            f"MetricConfig.size must be None or (H, W) with positive sides, got {self.size!r}"
-        assert self.match_radius > 0, f"MetricConfig.match_radius must be positive, got {self.match_radius}"
-        assert self.roc_levels >= 2, f"MetricConfig.roc_levels must be at least 2, got {self.roc_levels}"
-        assert self.fa_pixels_per_image is None or self.fa_pixels_per_image > 0, \
-            f"MetricConfig.fa_pixels_per_image must be None or positive, got {self.fa_pixels_per_image}"
+            if value not in SCORES:
+                raise ValueError(f"MetricConfig.{key} must be one of {SCORES}, got {value!r}")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"MetricConfig.mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
+            raise ValueError(f"MetricConfig.size must be None or (H, W) with positive sides, got {self.size!r}")
+        if not self.match_radius > 0:
+            raise ValueError(f"MetricConfig.match_radius must be positive, got {self.match_radius}")
+        if self.roc_levels < 2:
+            raise ValueError(f"MetricConfig.roc_levels must be at least 2, got {self.roc_levels}")
+        if self.fa_pixels_per_image is not None and self.fa_pixels_per_image <= 0:
+            raise ValueError(f"MetricConfig.fa_pixels_per_image must be None or positive, "
+                             f"got {self.fa_pixels_per_image}")
 
     def describe(self) -> str:
         """One line stating the rules, for reports."""
         size = "native size" if self.size is None else f"resized to {self.size[0]}x{self.size[1]}"
+        targets = ("targets = mask pixels at the mask's max, INTER_NEAREST" if self.mask_rule == "release"
+                   else "targets = mask pixels > 0, nearest at pixel centres")
         fa_den = "all pixels" if self.fa_pixels_per_image is None else f"{self.fa_pixels_per_image} px/image"
-        return (f"{self.name}: {size}; IoU/F1 on {self.seg_score} > {self.seg_threshold}; "
+        return (f"{self.name}: {size}; {targets}; IoU/F1 on {self.seg_score} > {self.seg_threshold}; "
                 f"Pd/Fa on {self.det_score} > {self.det_threshold}, centroid < {self.match_radius} px, "
                 f"Fa over {fa_den}{', equal-area quirk' if self.fa_skip_equal_area else ''}; "
                 f"ROC on {self.roc_score} >= i/{self.roc_levels - 1}"
@@ -111,7 +126,7 @@ class MetricConfig:
 
 
 PRESETS: dict[str, MetricConfig] = {
-    "paper": MetricConfig(name="paper", size=(256, 256),
+    "paper": MetricConfig(name="paper", size=(256, 256), mask_rule="release",
                           seg_score="normalised", seg_threshold=0.5,
                           det_score="logit", det_threshold=0.0,
                           match_radius=2.0, fa_pixels_per_image=512 * 512, fa_skip_equal_area=True,
@@ -249,13 +264,19 @@ def roc_counts(score: np.ndarray, targets: Components, levels: int) -> tuple[np.
     return count_at_or_above(peaks, levels), false_positives, int(score.size - pixels.size)
 
 
-def resize_pair(logits: np.ndarray, mask: np.ndarray,
-                size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Bring a prediction and its mask to the protocol's size: both to ``size`` (logits bilinear, mask nearest),
-    or with ``size`` None the mask to the prediction's size (nearest). Returns (logits, mask, mask_was_resized)."""
+def resize_pair(logits: np.ndarray, mask: np.ndarray, size: tuple[int, int] | None,
+                mask_rule: MaskRule = "nonzero") -> tuple[np.ndarray, np.ndarray, bool]:
+    """Bring a prediction and its mask to the protocol's size: both to ``size`` (logits bilinear), or with
+    ``size`` None the mask to the prediction's size; the mask becomes its target pixels by ``mask_rule`` (see
+    ``MetricConfig``). Returns (logits, target pixels (bool), mask_was_resized)."""
+    mask = np.asarray(mask)
     mask_resized = mask.shape != logits.shape
     target = logits.shape if size is None else tuple(size)
-    return resize_image(logits, target), resize_mask(mask, target), mask_resized
+    if mask_rule == "release":
+        targets = release_targets(mask, target)
+    else:
+        targets = resize_mask_centres(mask > 0, target)
+    return resize_linear(logits, target), targets, mask_resized
 
 
 def area_under_curve(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -310,7 +331,8 @@ class Evaluator:
         return len(self.records)
 
     def update(self, logits: np.ndarray, mask: np.ndarray, name: str | None = None) -> ImageRecord:
-        """Score one image: ``logits`` T of shape (H, W), finite; ``mask`` (H, W), non-zero = target.
+        """Score one image: ``logits`` T of shape (H, W), finite; ``mask`` (H, W) as stored or boolean, its
+        target pixels chosen by ``config.mask_rule``.
         ``name`` (a file name) is used in records and error messages. Returns the image's record."""
         config, totals = self.config, self._totals
         name = f"image {len(self.records)}" if name is None else str(name)
@@ -322,7 +344,8 @@ class Evaluator:
         if not np.isfinite(logits).all():
             raise InvalidPredictionError(f"{name}: the prediction holds NaN or inf values; "
                                          f"check the model output or the file that holds it")
-        logits, mask, mask_resized = resize_pair(logits.astype(np.float32, copy=False), mask > 0, config.size)
+        logits, mask, mask_resized = resize_pair(logits.astype(np.float32, copy=False), mask, config.size,
+                                                 config.mask_rule)
         self.resized_masks += int(mask_resized)
 
         scores: dict[str, np.ndarray] = {}  # each score map computed once
@@ -368,8 +391,10 @@ class Evaluator:
         logits, masks = _to_numpy(logits), _to_numpy(masks)
         logits = logits.reshape(-1, *logits.shape[-2:])  # (N, 1, H, W) -> (N, H, W)
         masks = masks.reshape(-1, *masks.shape[-2:])
-        assert len(logits) == len(masks), f"update_batch: {len(logits)} predictions but {len(masks)} masks"
-        assert names is None or len(names) == len(logits), f"update_batch: {len(logits)} images but {len(names)} names"
+        if len(logits) != len(masks):
+            raise ValueError(f"update_batch: {len(logits)} predictions but {len(masks)} masks")
+        if names is not None and len(names) != len(logits):
+            raise ValueError(f"update_batch: {len(logits)} images but {len(names)} names")
         for i in range(len(logits)):
             self.update(logits[i], masks[i], None if names is None else names[i])
 
@@ -384,7 +409,8 @@ class Evaluator:
     def compute(self) -> dict[str, float]:
         """The scores over the images seen: exactly ``METRIC_KEYS``, as fractions; Fa as a plain rate."""
         totals = self._totals
-        assert self.records, "Evaluator.compute: no image was scored; call update() first"
+        if not self.records:
+            raise ValueError("Evaluator.compute: no image was scored; call update() first")
         precision = _ratio(totals.tp, totals.tp + totals.fp, 0.0)
         recall = _ratio(totals.tp, totals.tp + totals.fn, np.nan)
         if np.isnan(recall):
