@@ -1,12 +1,14 @@
 """Export DCONet predictions: results/<name>/img/<stem>.png, mat/<stem>.mat and, with --visualize, vis/<stem>.png.
 
     python t_models.py --dataset NUDT-SIRST                      # Weight/NUDT-SIRST/best.pkl on its test split
-    python t_models.py --dataset IRSTD-1k --weights best.pkl --resize 256   # the release's geometry
+    python t_models.py --dataset IRSTD-1k --weights best.pkl     # a release best.pkl: 256x256, as the release
     python t_models.py --input frames/ --weights best.pkl --out results/frames --visualize
 
-Predictions are at each image's own size by default (padded to a multiple of 32 by reflection, cropped back);
-``--resize 256`` resizes every image to 256x256 as the release does. Frames larger than ``--tile`` run tile by
-tile. Exit status: 0 on success, 2 on a user error (the message says what to fix).
+By default every image is resized as the release does (8-bit INTER_LINEAR, then / 255) to the size the weights
+were trained at: a checkpoint of this project says its size, a release best.pkl means 256x256. ``--resize S``
+picks another size; ``--native`` keeps each image's own size (this project's: padded to a multiple of 32 by
+reflection, cropped back, frames larger than ``--tile`` run tile by tile). The first line printed says which
+geometry runs and why. Exit status: 0 on success, 2 on a user error (the message says what to fix).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from model import CheckpointError, load_model
 from utils.cpu_memory import MODES, configure_cpu_malloc
 from utils.inference import (ExportError, Geometry, check_output, dataset_images, default_weights, export,
-                             input_images, prepare_model, resolve_device)
+                             input_images, prepare_model, resolve_device, trained_geometry)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,10 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default: results/<dataset or input folder name>)")
     parser.add_argument("--masks", type=Path,
                         help="masks for --visualize with --input (default with --dataset: <data-root>/NAME/test/masks)")
-    parser.add_argument("--resize", type=int, default=None,
-                        help="resize every image to SIZE x SIZE (the release: 256); default: native size")
+    geometry = parser.add_mutually_exclusive_group()
+    geometry.add_argument("--resize", type=int, default=None, metavar="SIZE",
+                          help="resize every image to SIZE x SIZE as the release does (default: the size the weights "
+                               "were trained at; 256 for a release best.pkl)")
+    geometry.add_argument("--native", action="store_true",
+                          help="keep each image's own size: pad to a multiple of 32, tile large frames (this "
+                               "project's, not the release's geometry)")
     parser.add_argument("--tile", type=int, default=Geometry.tile,
-                        help="run inputs larger than this (px) tile by tile; 0: never")
+                        help="with --native: run inputs larger than this (px) tile by tile; 0: never")
     parser.add_argument("--overlap", type=int, default=Geometry.overlap, help="overlap of neighbouring tiles (px)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=4, help="images (of the same size) or tiles per forward")
@@ -65,15 +72,9 @@ def _folder_name(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    print("t_models.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), flush=True)
     try:
-        geometry = Geometry(resize=args.resize, tile=args.tile, overlap=args.overlap)
+        Geometry(args.resize, args.tile, args.overlap)      # flag values first, before any file is read
         device = resolve_device(args.device)
-        malloc = configure_cpu_malloc(args.cpu_malloc, device.type)
-    except ValueError as error:   # a flag value the message explains
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
         if args.dataset:
             files, mask_dir = dataset_images(args.data_root, args.dataset)
         else:
@@ -81,15 +82,23 @@ def main(argv: list[str] | None = None) -> int:
             mask_dir = None
         mask_dir = args.masks or mask_dir
         weights = args.weights or default_weights(args.dataset)
+        model, info = load_model(weights)
+        geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
+        print(f"geometry: {why}", flush=True)
+        print("t_models.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), flush=True)
+        malloc = configure_cpu_malloc(args.cpu_malloc, device.type)
         out = args.out or Path("results") / (args.dataset or _folder_name(args.input))
         check_output(out, args.overwrite)
-        model, info = load_model(weights)
-        print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device}; "
-              f"{len(files)} image(s), {geometry.describe()}; {malloc}; writing to {out}", flush=True)
-        net = prepare_model(model, device, bf16=args.bf16, compile=args.compile, fast=not args.plain)
+    except ValueError as error:     # ExportError, CheckpointError, a flag value the message explains
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device}; "
+          f"{len(files)} image(s), {geometry.describe()}; {malloc}; writing to {out}", flush=True)
+    net = prepare_model(model, device, bf16=args.bf16, compile=args.compile, fast=not args.plain)
+    try:
         summary = export(net, files, out, geometry, batch_size=args.batch_size, strict=args.strict,
                          visualize=args.visualize, mask_dir=mask_dir, progress=not args.no_progress)
-    except (ExportError, CheckpointError) as error:
+    except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {summary.written} prediction(s) to {out}/img and {out}/mat"

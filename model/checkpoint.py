@@ -297,7 +297,8 @@ def model_from_payload(payload: dict, source: str) -> DCONet:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DCONet, dict]:
     """Load a DCONet from either this project's checkpoint or a release best.pkl (detected, K inferred).
 
-    Returns (model, info) with info = {"kind": "project" | "release", "config": ..., "meta": ...}.
+    Returns (model, info) with info = {"kind": "project" | "release", "config": ..., "meta": ...}; a project
+    checkpoint written by training adds "train_config" (the run's settings).
     The model is on the CPU (or ``map_location``) in eval mode.
     """
     payload = read_weights_file(path, map_location)
@@ -305,7 +306,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if _is_project_payload(payload):
         _check_version(payload, path)
         model = model_from_payload(payload, source)
-        info = {"kind": "project", "meta": payload.get("meta", {})}
+        info = {"kind": "project", "meta": payload.get("meta", {}),
+                "train_config": payload.get("train_config") or payload.get("train_state", {}).get("config")}
     else:
         state = payload
         if isinstance(payload, dict) and isinstance(payload.get("state_dict"), Mapping):

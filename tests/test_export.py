@@ -16,7 +16,7 @@ from scipy.special import expit
 
 import t_models
 from model import DCONet, DCONetConfig, load_checkpoint, save_checkpoint, to_release_state_dict
-from utils.inference import Geometry, predict, prepare_model, resize_image
+from utils.inference import Geometry, predict, prepare_model
 from utils.imageio import read_gray
 from utils.visualization import detection_outcome
 
@@ -118,7 +118,7 @@ def score(tmp_path: Path, pred_dir: Path, mask_dir: Path) -> dict:
 def native_out(tmp_path_factory, data_root, weights) -> Path:
     out = tmp_path_factory.mktemp("native") / "tiny"
     code = t_models.main(["--dataset", "tiny", "--data-root", str(data_root), "--weights", str(weights["project"]),
-                          "--out", str(out), "--batch-size", "2", "--no-progress"])
+                          "--out", str(out), "--batch-size", "2", "--no-progress", "--native"])
     assert code == 0
     return out
 
@@ -136,20 +136,47 @@ def test_native_export_writes_the_release_layout_at_each_images_size(native_out,
 
 def test_resize_mode_writes_square_maps(tmp_path, data_root, weights, capsys):
     out = tmp_path / "resized"
-    code, _, _ = run(capsys, "--dataset", "tiny", "--data-root", data_root, "--weights", weights["project"],
-                     "--out", out, "--resize", 64)
-    assert code == 0
+    code, stdout, _ = run(capsys, "--dataset", "tiny", "--data-root", data_root, "--weights", weights["project"],
+                          "--out", out, "--resize", 64)
+    assert code == 0 and stdout.splitlines()[0].startswith("geometry: resized to 64x64 (--resize")
     check_results(out, STEMS, {stem: (64, 64) for stem in STEMS})
-    image = read_gray(data_root / "tiny" / "test" / "images" / "odd.png")
-    expected = predict(prepare_model(weights["model"], "cpu"), resize_image(image, (64, 64)), Geometry(tile=0))
+    # the release's geometry: the 8-bit image resized as 8 bits, then / 255
+    image = cv2.imread(str(data_root / "tiny" / "test" / "images" / "odd.png"), 0)
+    x = cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR) / np.float32(255)
+    expected = predict(prepare_model(weights["model"], "cpu"), x, Geometry(tile=0))
     assert np.allclose(read_mat(out / "mat" / "odd.mat")["T"], expected.T, atol=1e-5)
     score(tmp_path, out / "img", data_root / "tiny" / "test" / "masks")   # PNG predictions, masks resized
+
+
+def test_default_geometry_is_the_one_the_weights_were_trained_with(tmp_path, data_root, weights, capsys):
+    """A release best.pkl means 256x256 (the release exports so); a checkpoint of this project says its size.
+    The first line printed says which geometry runs and why."""
+    image = data_root / "tiny" / "test" / "images" / "b.png"
+    code, stdout, _ = run(capsys, "--input", image, "--weights", weights["release"], "--out", tmp_path / "rel")
+    first = stdout.splitlines()[0]
+    assert code == 0 and first.startswith("geometry: resized to 256x256 as the release does") and "release" in first
+    assert read_mat(tmp_path / "rel" / "mat" / "b.mat")["T"].shape == (256, 256)
+
+    payload = load_checkpoint(weights["project"])
+    trained = tmp_path / "trained64.pt"
+    save_checkpoint(trained, weights["model"], meta={"base_size": 64})
+    code, stdout, _ = run(capsys, "--input", image, "--weights", trained, "--out", tmp_path / "p64")
+    assert code == 0 and stdout.splitlines()[0] == ("geometry: resized to 64x64 as the release does (the size this "
+                                                    "checkpoint was trained at)")
+    assert read_mat(tmp_path / "p64" / "mat" / "b.mat")["T"].shape == (64, 64)
+    assert "base_size" not in payload["meta"]
+    code, stdout, _ = run(capsys, "--input", image, "--weights", weights["project"], "--out", tmp_path / "p")
+    assert code == 0 and "does not say its training size" in stdout.splitlines()[0]
+
+    code, stdout, _ = run(capsys, "--input", image, "--weights", trained, "--out", tmp_path / "nat", "--native")
+    assert code == 0 and stdout.splitlines()[0].startswith("geometry: native size")
+    assert read_mat(tmp_path / "nat" / "mat" / "b.mat")["T"].shape == (41, 57)
 
 
 def test_release_best_pkl_gives_the_project_checkpoints_outputs(tmp_path, native_out, data_root, weights, capsys):
     out = tmp_path / "release"
     code, stdout, _ = run(capsys, "--input", data_root / "tiny" / "test" / "images" / "b.png",
-                          "--weights", weights["release"], "--out", out)
+                          "--weights", weights["release"], "--out", out, "--native")
     assert code == 0 and "release layout, K = 1" in stdout
     ours, theirs = read_mat(native_out / "mat" / "b.mat"), read_mat(out / "mat" / "b.mat")
     for name in ("T", "B", "D"):
@@ -170,7 +197,7 @@ def test_a_large_frame_runs_tiled_within_the_measured_bound(tmp_path, weights, c
     for tile in (128, 0):
         outs[tile] = tmp_path / f"tile{tile}"
         code, _, _ = run(capsys, "--input", tmp_path / "big", "--weights", weights["project"], "--out", outs[tile],
-                         "--tile", tile, "--overlap", 64)
+                         "--native", "--tile", tile, "--overlap", 64)
         assert code == 0
     tiled, whole = read_mat(outs[128] / "mat" / "big.mat")["T"], read_mat(outs[0] / "mat" / "big.mat")["T"]
     assert tiled.shape == whole.shape == (160, 224)
@@ -180,7 +207,7 @@ def test_a_large_frame_runs_tiled_within_the_measured_bound(tmp_path, weights, c
 def test_visualize_writes_one_panel_per_image(tmp_path, data_root, weights, capsys):
     out = tmp_path / "vis_run"
     code, stdout, _ = run(capsys, "--dataset", "tiny", "--data-root", data_root, "--weights", weights["project"],
-                          "--out", out, "--visualize")
+                          "--out", out, "--visualize", "--resize", 64)
     assert code == 0 and "3 panel(s)" in stdout
     for stem in STEMS:
         panel = cv2.imread(str(out / "vis" / f"{stem}.png"), cv2.IMREAD_COLOR)

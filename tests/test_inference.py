@@ -9,7 +9,8 @@ from torch import nn
 
 from model import DCONet, DCONetConfig, StageOutput
 from model.fast import FastDCONet
-from utils.inference import (Geometry, iter_predictions, pad_to_multiple, predict, prepare_model, resize_image,
+from utils.imageio import release_image
+from utils.inference import (Geometry, iter_predictions, pad_to_multiple, predict, prepare_model,
                              resolve_device, run_tiled, tile_cuts, tile_starts, to_png)
 
 # Tiled against untiled, max |T difference| (logits) for the one-stage test model on a 160x224 scene with 128 px
@@ -107,7 +108,7 @@ def test_resize_mode_outputs_at_the_resized_size(net):
     prediction = predict(net, image, Geometry(resize=64))
     assert prediction.T.shape == (64, 64)
     with torch.inference_mode():
-        _, T = net(torch.from_numpy(resize_image(image, (64, 64)))[None, None])
+        _, T = net(torch.from_numpy(release_image(image, (64, 64)))[None, None])
     assert np.allclose(prediction.T, T[0, 0].numpy(), atol=1e-6)
 
 

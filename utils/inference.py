@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from model.dconet import SIZE_MULTIPLE, StageOutput
 from model.fast import optimize_for_inference
-from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_gray, read_mask
-from utils.data import resize_image, resize_mask
+from utils.imageio import (IMAGE_SUFFIXES, ImageReadError, list_images, read_image, read_mask, release_image,
+                           resize_mask_centres, resize_nearest, to_unit)
 
 MAPS_PER_STAGE = 3                 # B, T, D: the channel order of the map stacks below
 MAX_PENDING_PIXELS = 1 << 25       # images waiting for a batch of their size, at most (~128 MB of float32)
@@ -78,6 +78,33 @@ class Geometry:
         size = f"resized to {self.resize}x{self.resize}" if self.resize else "native size (reflect-padded to x32)"
         tiles = f"tiles of {self.tile} px overlapping by {self.overlap}" if self.tile else "no tiling"
         return f"{size}, {tiles}"
+
+
+RELEASE_SIZE = 256   # the release trains, exports and scores at 256x256
+
+
+def trained_geometry(info: dict, resize: int | None = None, native: bool = False,
+                     tile: int = 512, overlap: int = 128) -> tuple[Geometry, str]:
+    """The geometry to export with, and why, for weights described by ``info`` (from ``model.load_model``).
+
+    By default the one the weights were trained with: a checkpoint of this project carries its training size,
+    a release best.pkl means 256x256 (the release's t_models resizes every image to 256x256). ``resize`` asks
+    for another size; ``native`` for each image's own size (this project's: padded to a multiple of 32, tiled
+    above ``tile`` px)."""
+    if native:
+        return (Geometry(None, tile, overlap),
+                f"native size, padded to a multiple of {SIZE_MULTIPLE} (--native; this project's, not the release's)")
+    trained, why = RELEASE_SIZE, "a release best.pkl: the release trains and exports at 256x256"
+    if info.get("kind") == "project":
+        size = info.get("meta", {}).get("base_size") or (info.get("train_config") or {}).get("base_size")
+        if size:
+            trained, why = int(size), "the size this checkpoint was trained at"
+        else:
+            why = "this checkpoint does not say its training size; 256x256 is the release's"
+    if resize is not None and resize != trained:
+        return (Geometry(resize, tile, overlap),
+                f"resized to {resize}x{resize} (--resize; the weights were trained at {trained}x{trained})")
+    return Geometry(trained, tile, overlap), f"resized to {trained}x{trained} as the release does ({why})"
 
 
 @dataclass
@@ -208,13 +235,16 @@ def pad_to_multiple(image: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndar
 
 
 def network_input(image: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The (H', W') float32 array the network runs on: resized, or padded to multiples of 32."""
-    image = np.asarray(image, dtype=np.float32)
+    """The (H', W') float32 array the network runs on: resized as the release does, or padded to multiples of 32.
+
+    ``image`` is a gray array as ``utils.imageio.read_image`` gives it (uint8 or uint16) or float32 in [0, 1].
+    Resize mode is the release's geometry: an 8-bit image is resized as 8 bits (INTER_LINEAR), then / 255."""
+    image = np.asarray(image)
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"expected a non-empty grayscale image (H, W), got shape {image.shape}")
     if geometry.resize:
-        return resize_image(image, (geometry.resize, geometry.resize))
-    return pad_to_multiple(image)
+        return release_image(image, (geometry.resize, geometry.resize))
+    return pad_to_multiple(to_unit(image))
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -286,7 +316,8 @@ def _prediction(name: str, image_shape: tuple[int, int], maps: np.ndarray, geome
 
 def iter_predictions(model: nn.Module, items: Iterable[tuple[str, np.ndarray]], geometry: Geometry = Geometry(),
                      batch_size: int = 1, return_stages: bool = False) -> Iterator[Prediction]:
-    """Predictions for (name, image) pairs, images (H, W) float32 in [0, 1] of any sizes.
+    """Predictions for (name, image) pairs, images (H, W) of any sizes, as ``read_image`` gives them (uint8 or
+    uint16) or float32 in [0, 1].
 
     Images whose network inputs have the same size are batched together (``batch_size`` at most); a batch is
     run as soon as it is full, or when the waiting images exceed ``MAX_PENDING_PIXELS``. Predictions therefore
@@ -324,7 +355,7 @@ def iter_predictions(model: nn.Module, items: Iterable[tuple[str, np.ndarray]], 
 
 def predict(model: nn.Module, image: np.ndarray, geometry: Geometry = Geometry(),
             return_stages: bool = False) -> Prediction:
-    """The prediction for one image (H, W) float32 in [0, 1]."""
+    """The prediction for one image (H, W): uint8/uint16 as read from a file, or float32 in [0, 1]."""
     return next(iter_predictions(model, [("image", image)], geometry, 1, return_stages))
 
 
@@ -404,7 +435,7 @@ def export(model: nn.Module, files: list[Path], out_dir: str | Path, geometry: G
     def readable() -> Iterator[tuple[str, np.ndarray]]:
         for path in files:
             try:
-                image = read_gray(path)
+                image = read_image(path)
             except ImageReadError as error:
                 if strict:
                     raise ExportError(f"{error} (stopped because of --strict; without it the file is skipped)")
@@ -425,7 +456,7 @@ def export(model: nn.Module, files: list[Path], out_dir: str | Path, geometry: G
                 image = images.pop(prediction.name)
                 mask_path = find_mask(mask_dir, prediction.name)
                 mask = _read_mask_for(mask_path, image.shape, geometry, warn) if mask_path else None
-                shown = resize_image(image, prediction.T.shape) if geometry.resize else image
+                shown = release_image(image, prediction.T.shape) if geometry.resize else to_unit(image)
                 save_panel(out_dir / "vis" / f"{prediction.name}.png", shown, prediction, mask)
                 summary.panels += 1
             summary.written += 1
@@ -444,10 +475,9 @@ def _read_mask_for(path: Path, image_shape: tuple[int, int], geometry: Geometry,
     except ImageReadError as error:
         warn(f"mask not shown: {error}")
         return None
-    size = (geometry.resize, geometry.resize) if geometry.resize else tuple(image_shape)
-    if mask.shape != size:
-        mask = resize_mask(mask, size)
-    return mask
+    if geometry.resize:
+        return resize_nearest(mask, (geometry.resize, geometry.resize)) > 0     # the release's geometry
+    return resize_mask_centres(mask, tuple(image_shape)) > 0
 
 
 def dataset_images(data_root: str | Path, name: str) -> tuple[list[Path], Path]:
