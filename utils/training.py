@@ -24,13 +24,17 @@ from model.fast import FastDCONet, optimize_for_inference
 
 from . import distributed as dist_utils
 from .cpu_memory import MODES, configure_cpu_malloc
-from .data import DatasetError, build_datasets
+from .data import DatasetError, build_datasets, target_pixels
 from .losses import dconet_loss
 from .metrics import PRESETS, Evaluator
 from .schedule import poly_scheduler
 from .synthetic import ensure_demo_dataset
 
 RUN_FILES = ("best.pkl", "latest.pkl", "config.json", "log.txt")
+# In-training validation, as the release's: pixels with T > 0 against the pixels at the mask's maximum, at the
+# training size, summed over the set (mIoU); the other scores by the standard protocol's rules.
+VALIDATION = replace(PRESETS["standard"], name="validation", seg_score="logit", seg_threshold=0.0,
+                     det_score="logit", det_threshold=0.0)
 
 
 class TrainingError(RuntimeError):
@@ -54,7 +58,8 @@ class TrainConfig:
     lr: float = _setting(1e-4, "Adam learning rate")
     weight_decay: float = _setting(0.0, "Adam weight decay")
     poly_power: float = _setting(0.9, "poly schedule: lr = base * (1 - it / total) ** power, stepped every iteration")
-    base_size: int = _setting(256, "images resized to base_size x base_size (bilinear; masks nearest)")
+    base_size: int = _setting(256, "images resized to base_size x base_size as the release does (8-bit image "
+                                   "INTER_LINEAR then /255; mask INTER_NEAREST, labels mask/max)")
     crop_size: int = _setting(0, "> 0: train on random crops of this size (after the resize)")
     augment: str = _setting("auto", "random flips and transpose: auto (sirst_aug only, as the release), on, off",
                             ("auto", "on", "off"))
@@ -64,7 +69,8 @@ class TrainConfig:
     seed: int = _setting(1, "seed of initialisation, shuffling, augmentation and the val split")
     val_split: float = _setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
                                      "(default: validate on the test split, as the release)")
-    save_iter_step: int = _setting(0, "> 0: also validate every this many iterations")
+    save_iter_step: int = _setting(100, "also validate (and keep best.pkl) every this many iterations, as the "
+                                        "release's run does; 0: after each epoch only")
     device: str = _setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     amp: bool = _setting(False, "CUDA mixed precision (bf16 where supported, else fp16 with loss scaling)")
     bf16: bool = _setting(False, "bf16 autocast on CPU or CUDA")
@@ -194,16 +200,16 @@ def make_loader(dataset, config: TrainConfig, *, train: bool, epoch: int, info: 
         dataset.set_epoch(epoch)
         if info.enabled:
             sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
-                                                          seed=config.seed, drop_last=True)
+                                                          seed=config.seed, drop_last=False)
             sampler.set_epoch(epoch)
         else:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
     else:
         sampler = None
-    per_rank = len(dataset) // info.world_size if train else len(dataset)
+    # drop_last=False as in the release: the last, smaller batch is trained on and the poly schedule counts it
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      drop_last=train and per_rank >= config.batch_size, pin_memory=device.type == "cuda")
+                      drop_last=False, pin_memory=device.type == "cuda")
 
 
 def autocast_context(config: TrainConfig, device: torch.device):
@@ -246,7 +252,7 @@ def predict_logits(model: torch.nn.Module, dataset, indices: list[int], config: 
 
 def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device,
              info: dist_utils.DistInfo = dist_utils.DistInfo()) -> tuple[dict[str, float], dict[int, np.ndarray]]:
-    """Standard-protocol scores of ``model`` on ``dataset``; each rank predicts its share, rank 0 scores all.
+    """Validation scores (``VALIDATION``) of ``model`` on ``dataset``; each rank predicts its share, rank 0 scores all.
 
     Returns (scores, logits of the first ``config.vis_images`` samples for pictures); every rank gets the scores.
     """
@@ -258,10 +264,10 @@ def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch
         merged: dict[int, np.ndarray] = {}
         for part in gathered:
             merged.update(part)
-        evaluator = Evaluator(PRESETS["standard"])
+        evaluator = Evaluator(VALIDATION)
         for i in range(len(dataset)):
             item = dataset[i]
-            evaluator.update(merged[i], item["mask"][0].numpy() > 0.5, name=item["stem"])
+            evaluator.update(merged[i], target_pixels(item["mask"][0].numpy()), name=item["stem"])
         scores = evaluator.compute()
         vis = {i: merged[i] for i in range(min(config.vis_images, len(dataset)))}
     else:
@@ -365,7 +371,8 @@ class Run:
         if not self.info.is_main:
             return
         meta = {"epoch": self.epoch, "global_step": self.global_step, "dataset": self.config.dataset,
-                "scores": scores or {}, "best_miou": self.best_miou, "best_epoch": self.best_epoch}
+                "base_size": self.config.base_size, "scores": scores or {}, "best_miou": self.best_miou,
+                "best_epoch": self.best_epoch}
         train_state = {"config": asdict(self.config), "optimizer": self.optimizer.state_dict(),
                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                        "epoch": self.epoch, "global_step": self.global_step, "best_miou": self.best_miou,
