@@ -62,7 +62,7 @@ def read_prediction(path: Path, png_is_binary: bool = False) -> np.ndarray:
         if logits.ndim != 2:
             raise UserError(f"{path}: T has shape {content['T'].shape}; expected one map (H, W)")
     elif png_is_binary:
-        logits = np.where(read_mask(path), SATURATED_LOGIT, -SATURATED_LOGIT).astype(np.float32)
+        logits = np.where(read_mask(path) > 0, SATURATED_LOGIT, -SATURATED_LOGIT).astype(np.float32)
     else:
         logits = probability_to_logits(read_gray(path))
     if not np.isfinite(logits).all():
@@ -161,7 +161,18 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
     for label, key, scale in rows:
         lines.append(f"{label:<12}" + "".join(
             f"{values[key] * scale:>12.{4 if key == 'AUC' else 2}f}" for values in scores.values()))
+    if "paper" in scores:
+        lines.append(release_line(scores["paper"]))
     return "\n".join(lines)
+
+
+RELEASE_ORDER = ("mIoU", "nIoU", "Prec", "Recall", "F1", "Pd", "Fa", "AUC")
+
+
+def release_line(values: dict[str, float]) -> str:
+    """The paper protocol's scores at the precision the release prints them: fractions to 6 decimals, Fa to 8."""
+    return "paper, as the release prints: " + "  ".join(
+        f"{key} {values[key]:.{8 if key == 'Fa' else 6}f}" for key in RELEASE_ORDER)
 
 
 # ----------------------------------------------------------------------------------------------------------
