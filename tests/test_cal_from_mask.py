@@ -12,9 +12,9 @@ import pytest
 import scipy.io
 from scipy import special
 
-import cal_from_mask
-from cal_from_mask import main, probability_to_logits
+from cal_from_mask import main
 from conftest import shared_path
+from utils.evaluation import CSV_COLUMNS, probability_to_logits, score_folders
 from utils.metrics import METRIC_KEYS
 
 
@@ -62,12 +62,14 @@ def test_reference_case_through_the_command_line(tmp_path, capsys):
                  "roc_paper.png", "roc_standard.mat", "roc_standard.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "per_image_paper.csv")))
-    assert len(rows) == 30 and list(rows[0]) == ["name", "IoU", "targets", "detected", "false_alarm_pixels"]
+    assert len(rows) == 30 and tuple(rows[0]) == CSV_COLUMNS
+    assert {(r["height"], r["width"]) for r in rows} == {("256", "256")}
     assert sum(int(r["detected"]) for r in rows) / sum(int(r["targets"]) for r in rows) == expected["Pd"]
     roc = scipy.io.loadmat(str(out / "roc_paper.mat"))
     assert roc["fpr"].size == roc["tpr"].size == roc["thresholds"].size == 201
     assert roc["auc"].item() == pytest.approx(expected["AUC"], rel=1e-9)
-    assert cv2.imread(str(out / "roc_paper.png")) is not None
+    figure = cv2.imread(str(out / "roc_paper.png"))
+    assert figure is not None and figure.shape[1] > 1.8 * figure.shape[0]      # the ROC next to Pd against Fa
 
 
 def test_one_protocol_and_dataset_layout(tmp_path, capsys, monkeypatch):
@@ -209,5 +211,22 @@ def test_mat_without_T_and_unreadable_mask(tmp_path, capsys):
 def test_score_folders_is_importable(tmp_path):
     pred_dir, mask_dir = write_case(tmp_path)
     lines = []
-    evaluators = cal_from_mask.score_folders(pred_dir, mask_dir, ("paper",), log=lines.append)
+    evaluators = score_folders(pred_dir, mask_dir, ("paper",), log=lines.append)
     assert list(evaluators) == ["paper"] and len(evaluators["paper"]) == 2 and lines == []
+
+
+def test_per_image_csv_marks_empty_images_and_lists_missed_targets(tmp_path, capsys):
+    """An image with no target and no predicted pixel is marked as such (its IoU of 0 is only a convention);
+    a missed target's centroid (x y) is listed."""
+    pred_dir, mask_dir = write_case(tmp_path, stems=("hit", "empty", "missed"))
+    scipy.io.savemat(str(pred_dir / "empty.mat"), {"T": np.full((32, 32), -6.0, np.float32)})
+    cv2.imwrite(str(mask_dir / "empty.png"), np.zeros((32, 32), np.uint8))
+    scipy.io.savemat(str(pred_dir / "missed.mat"), {"T": np.full((32, 32), -6.0, np.float32)})
+    rc, stdout, _ = run(capsys, "--pred-dir", pred_dir, "--mask-dir", mask_dir, "--out", tmp_path / "r",
+                        "--protocol", "standard")
+    assert rc == 0
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "r" / "per_image_standard.csv"))}
+    assert rows["empty"]["IoU"] == "" and rows["empty"]["note"] == "no target, no prediction"
+    assert rows["missed"]["IoU"] == "0.000000" and rows["missed"]["note"] == ""
+    assert rows["missed"]["missed_targets_xy"] == "10.5 10.5" and rows["hit"]["missed_targets_xy"] == ""
+    assert (rows["hit"]["height"], rows["hit"]["width"]) == ("32", "32")

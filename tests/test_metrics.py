@@ -15,8 +15,9 @@ from skimage import measure
 
 from conftest import shared_path
 from utils.imageio import read_mask
-from utils.metrics import (METRIC_KEYS, PRESETS, Evaluator, InvalidPredictionError, MetricConfig, components,
-                           count_at_or_above, match_targets, roc_thresholds)
+from utils.components import components, match_targets
+from utils.metrics import METRIC_KEYS, PRESETS, Evaluator, InvalidPredictionError, MetricConfig
+from utils.roc import count_at_or_above, roc_thresholds
 
 PAPER, STANDARD = PRESETS["paper"], PRESETS["standard"]
 HIGH, LOW = 8.0, -8.0  # logits far from every threshold

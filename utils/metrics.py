@@ -31,16 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from scipy import ndimage, special
+from scipy import special
 
+from utils.components import components, false_alarm_pixels, match_targets
 from utils.imageio import release_targets, resize_linear, resize_mask_centres
+from utils.roc import RocCurve, area_under_curve, roc_counts, roc_thresholds
 
 Score = Literal["logit", "sigmoid", "normalised"]
 SCORES = ("logit", "sigmoid", "normalised")
 MaskRule = Literal["release", "nonzero"]
 MASK_RULES = ("release", "nonzero")
 METRIC_KEYS = ("mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC")
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 class InvalidPredictionError(ValueError):
@@ -137,23 +138,22 @@ PRESETS: dict[str, MetricConfig] = {
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image's share of the scores: its IoU, its targets, how many were detected, its false-alarm pixels."""
+    """One image's share of the scores: its IoU, its targets, how many were detected, its false-alarm pixels,
+    the size it was scored at, its predicted pixels (for mIoU) and the centroids (row, col) of missed targets."""
 
     name: str
     IoU: float
     targets: int
     detected: int
     false_alarm_pixels: int
+    size: tuple[int, int] = (0, 0)
+    predicted_pixels: int = 0
+    missed: tuple[tuple[float, float], ...] = ()
 
-
-@dataclass(frozen=True)
-class RocCurve:
-    """ROC over the set, one point per threshold (ascending): fpr over background pixels, tpr = Pd of targets."""
-
-    thresholds: np.ndarray
-    fpr: np.ndarray
-    tpr: np.ndarray
-    auc: float
+    @property
+    def empty(self) -> bool:
+        """No target and no predicted pixel: the IoU is 0 by convention (``MetricConfig.iou_if_empty``), not a miss."""
+        return self.targets == 0 and self.predicted_pixels == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,98 +172,6 @@ def score_map(logits: np.ndarray, kind: Score) -> np.ndarray:
     return p / peak if peak > 0 else p  # an all-zero p (logits below about -104) stays zero
 
 
-@dataclass(frozen=True)
-class Components:
-    """8-connected components of a binary map, labelled 1..n in raster order of their first pixel (as
-    skimage.measure.label(connectivity=2)): label map, area (n,) and centroid (n, 2) as (row, col), the mean of
-    the component's pixel coordinates (as regionprops)."""
-
-    labels: np.ndarray
-    n: int
-    area: np.ndarray
-    centroid: np.ndarray
-
-
-def components(binary: np.ndarray) -> Components:
-    """The 8-connected components of ``binary`` (H, W) with their areas and centroids."""
-    labels, n = ndimage.label(binary, structure=EIGHT_CONNECTED)
-    pixels = np.flatnonzero(labels)                      # only the foreground: maps are mostly empty
-    owner = labels.ravel()[pixels]
-    rows, cols = np.divmod(pixels, labels.shape[1])
-    area = np.bincount(owner, minlength=n + 1)[1:]
-    row_sum = np.bincount(owner, weights=rows, minlength=n + 1)[1:]
-    col_sum = np.bincount(owner, weights=cols, minlength=n + 1)[1:]
-    centroid = np.stack([row_sum / np.maximum(area, 1), col_sum / np.maximum(area, 1)], axis=1)  # (n, 2)
-    return Components(labels=labels, n=int(n), area=area, centroid=centroid)
-
-
-def match_targets(target_centroids: np.ndarray, pred_centroids: np.ndarray, radius: float) -> np.ndarray:
-    """Greedy centroid matching: for each target in order, the first free predicted component closer than
-    ``radius`` (Euclidean, strict). Returns, per target, the matched component's index or -1."""
-    matched = np.full(len(target_centroids), -1, dtype=np.int64)
-    if len(target_centroids) == 0 or len(pred_centroids) == 0:
-        return matched
-    diff = pred_centroids[None, :, :] - target_centroids[:, None, :]      # (targets, preds, 2)
-    distance = np.sqrt(diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1])
-    free = np.ones(len(pred_centroids), dtype=bool)
-    for t, row in enumerate(distance < radius):
-        candidates = np.flatnonzero(row & free)
-        if candidates.size:
-            matched[t] = candidates[0]
-            free[candidates[0]] = False
-    return matched
-
-
-def false_alarm_pixels(pred_areas: np.ndarray, matched: np.ndarray, skip_equal_area: bool) -> int:
-    """Pixels of the predicted components no target matched; with ``skip_equal_area`` (the release's quirk,
-    which compares areas by value) a component is also left out when a matched component has its area."""
-    hit = matched[matched >= 0]
-    unmatched = np.ones(len(pred_areas), dtype=bool)
-    unmatched[hit] = False
-    if skip_equal_area:
-        unmatched &= ~np.isin(pred_areas, pred_areas[hit])
-    return int(pred_areas[unmatched].sum())
-
-
-def detect_targets(predicted: Components, targets: Components, radius: float,
-                   skip_equal_area: bool = False) -> tuple[int, int]:
-    """Pd/Fa counts of one image: (detected targets, false-alarm pixels)."""
-    matched = match_targets(targets.centroid, predicted.centroid, radius)
-    return int((matched >= 0).sum()), false_alarm_pixels(predicted.area, matched, skip_equal_area)
-
-
-def roc_thresholds(levels: int) -> np.ndarray:
-    """t = i / (levels - 1), i = 0..levels-1 (float64)."""
-    return np.arange(levels) / (levels - 1)
-
-
-def count_at_or_above(values: np.ndarray, levels: int) -> np.ndarray:
-    """For each threshold t_i = i / (levels - 1), how many values are >= t_i (exact float64 comparisons,
-    as ``values >= t_i`` would give), in one pass: no loop over thresholds."""
-    thresholds = roc_thresholds(levels)
-    values = values.ravel()
-    high = values[values >= thresholds[1]].astype(np.float64)  # maps are mostly low: bin only the rest
-    upper = np.append(thresholds, np.inf)                  # upper[k] = t_k, +inf past the last threshold
-    lower = np.append(-np.inf, thresholds)                 # lower[k] = t_(k-1), -inf before the first
-    passed = np.minimum(np.floor(high * (levels - 1)), levels - 1).astype(np.int64) + 1  # ~ #{i: t_i <= v}
-    passed += upper[passed] <= high                        # correct an estimate that rounded down
-    passed -= lower[passed] > high                         # or up
-    counts = np.cumsum(np.bincount(passed, minlength=levels + 1)[::-1])[::-1][1:]
-    counts[0] = np.count_nonzero(values >= thresholds[0])  # t_0 = 0: every non-negative value
-    return counts
-
-
-def roc_counts(score: np.ndarray, targets: Components, levels: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """One image's ROC counts per threshold: (detected targets, false-positive pixels, background pixels).
-    A target is detected at t when any of its pixels has score >= t, i.e. when its maximum does."""
-    pixels = np.flatnonzero(targets.labels)
-    target_scores = score.ravel()[pixels]
-    peaks = np.full(targets.n, -np.inf)
-    np.maximum.at(peaks, targets.labels.ravel()[pixels] - 1, target_scores)
-    false_positives = count_at_or_above(score, levels) - count_at_or_above(target_scores, levels)
-    return count_at_or_above(peaks, levels), false_positives, int(score.size - pixels.size)
-
-
 def resize_pair(logits: np.ndarray, mask: np.ndarray, size: tuple[int, int] | None,
                 mask_rule: MaskRule = "nonzero") -> tuple[np.ndarray, np.ndarray, bool]:
     """Bring a prediction and its mask to the protocol's size: both to ``size`` (logits bilinear), or with
@@ -277,11 +185,6 @@ def resize_pair(logits: np.ndarray, mask: np.ndarray, size: tuple[int, int] | No
     else:
         targets = resize_mask_centres(mask > 0, target)
     return resize_linear(logits, target), targets, mask_resized
-
-
-def area_under_curve(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """Trapezoid area of the curve through the given points, ordered by threshold (fpr falls as t rises)."""
-    return float(-np.trapezoid(tpr, fpr))
 
 
 def _ratio(numerator: float, denominator: float, if_zero: float) -> float:
@@ -367,7 +270,9 @@ class Evaluator:
         # Pd, Fa: components and centroids
         targets = components(mask)
         predicted = components(score(config.det_score) > config.det_threshold)
-        detected, fa_pixels = detect_targets(predicted, targets, config.match_radius, config.fa_skip_equal_area)
+        matched = match_targets(targets.centroid, predicted.centroid, config.match_radius)   # (targets,), -1: missed
+        detected = int((matched >= 0).sum())
+        fa_pixels = false_alarm_pixels(predicted.area, matched, config.fa_skip_equal_area)
         totals.targets += targets.n
         totals.detected += detected
         totals.false_alarm_pixels += fa_pixels
@@ -381,7 +286,9 @@ class Evaluator:
             totals.roc_targets += targets.n
             totals.roc_background += background
 
-        record = ImageRecord(name=name, IoU=iou, targets=targets.n, detected=detected, false_alarm_pixels=fa_pixels)
+        record = ImageRecord(name=name, IoU=iou, targets=targets.n, detected=detected, false_alarm_pixels=fa_pixels,
+                             size=logits.shape, predicted_pixels=int(np.count_nonzero(seg)),
+                             missed=tuple(map(tuple, targets.centroid[matched < 0].tolist())))
         self.records.append(record)
         return record
 
