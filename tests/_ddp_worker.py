@@ -6,13 +6,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.training import Run, parse_config  # noqa: E402
+from utils.config import parse_command_line  # noqa: E402
+from utils.training import Trainer  # noqa: E402
 
 if __name__ == "__main__":
-    config = parse_config(sys.argv[1:])
-    run = Run(config)
+    config, given = parse_command_line(sys.argv[1:])
+    trainer = Trainer(config, given)
     try:
-        run.fit()
-        torch.save(run.model.state_dict(), Path(config.out) / f"rank{run.info.rank}.pt")
+        trainer.fit()
+        torch.save(trainer.model.state_dict(), Path(config.out) / f"rank{trainer.info.rank}.pt")
     finally:
-        run.close()
+        trainer.close()

@@ -1,0 +1,188 @@
+"""The settings of a training run: one dataclass whose defaults are the authors' recipe, and its command line.
+
+    config = parse_command_line(["--dataset", "NUAA-SIRST", "--stage-num", "3"])[0]
+    config.model            # DCONetConfig(stage_num=3, channels=32): the network, stored in every checkpoint
+    config.runtime          # RuntimeOptions(device="auto", ...): where and how to run, shared with t_models.py
+
+The command line is flat (``--stage-num``, ``--device``); the configuration nests the model's and the runtime's
+settings. ``config.json`` in a run folder holds ``asdict(config)`` and can be given back with ``--config FILE``
+(flags given with it still win).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from model import DCONetConfig
+from utils.cpu_memory import MODES
+from utils.runtime import RUNTIME_HELP, RuntimeOptions
+
+AUGMENT_MODES = ("auto", "on", "off")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+# A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
+DEMO_DEFAULTS = {"epochs": 12, "base_size": 64, "stage_num": 2, "lr": 1e-3}
+# The built-in synthetic set that --dataset demo writes and trains on.
+DEMO_DATA = {"n_trainval": 256, "n_test": 64, "size": 64}
+
+
+def _setting(default, help_text: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. The defaults are the authors' recipe (DCONet release, run_0.py)."""
+
+    dataset: str = _setting("IRSTD-1k", "data set folder under --data-root (NUDT-SIRST, IRSTD-1k, sirst_aug, "
+                                        "NUAA-SIRST or any other in that layout), or 'demo': the built-in synthetic set")
+    data_root: str = _setting("datasets", "folder holding the data sets")
+    out: str = _setting("", "run folder (default: Weight/<dataset>)")
+    epochs: int = _setting(400, "training epochs")
+    batch_size: int = _setting(8, "images per iteration (per process under torchrun); the last, smaller batch of "
+                                  "an epoch is used, as in the release")
+    lr: float = _setting(1e-4, "Adam learning rate")
+    weight_decay: float = _setting(0.0, "Adam weight decay")
+    poly_power: float = _setting(0.9, "poly schedule: lr = base * (1 - it / total) ** power, stepped every iteration")
+    base_size: int = _setting(256, "images resized to base_size x base_size as the release does (8-bit image "
+                                   "INTER_LINEAR then /255; mask INTER_NEAREST, labels mask/max)")
+    crop_size: int = _setting(0, "> 0: train on random crops of this size (after the resize)")
+    augment: str = _setting("auto", "random flips and transpose: auto (sirst_aug only, as the release), on, off",
+                            AUGMENT_MODES)
+    model: DCONetConfig = field(default_factory=DCONetConfig)
+    mse_weight: float = _setting(0.1, "loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)")
+    seed: int = _setting(1, "seed of initialisation, shuffling, augmentation and the val split")
+    val_split: float = _setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
+                                     "(0: validate on the test split, as the release)")
+    save_iter_step: int = _setting(100, "also validate (and keep best.pkl) every this many iterations, as the "
+                                        "release's run does; 0: after each epoch only")
+    log_every: int = _setting(10, "a log line (loss parts, lr, iterations/s, time left) every this many iterations; "
+                                  "0: none")
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    amp: bool = _setting(False, "CUDA mixed precision (bf16 where supported, else fp16 with loss scaling)")
+    memory_format: str = _setting("contiguous", "activation layout in training: contiguous (NCHW) or channels_last "
+                                                "(NHWC: faster steps on the CPU, but PyTorch's channels_last "
+                                                "BatchNorm sums batch statistics less exactly)", MEMORY_FORMATS)
+    checkpointing: bool = _setting(False, "recompute each stage's activations in the backward pass: a fraction of "
+                                          "the memory for about 1.2-1.3x the step time; the same results")
+    workers: int = _setting(-1, "DataLoader worker processes (-1: 2 on CUDA, 0 on CPU)")
+    vis_images: int = _setting(4, "validation images shown in TensorBoard")
+    resume: bool = _setting(False, "continue the run in the run folder from its latest.pkl")
+    overwrite: bool = _setting(False, "start afresh in a run folder that already holds a run (its files are replaced)")
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
+        for name in ("epochs", "batch_size", "base_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("crop_size", "save_iter_step", "log_every", "vis_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"val_split must lie in [0, 1), got {self.val_split}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: pick one")
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("Weight") / self.dataset
+
+    def augment_enabled(self) -> bool:
+        return self.augment == "on" or (self.augment == "auto" and self.dataset.lower() == "sirst_aug")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The inverse of ``to_dict``; also reads the flat layout of earlier versions (stage_num, device, ...
+        at the top level). Unknown keys are an error that names them."""
+        values = dict(values)
+        nested = {"model": (DCONetConfig, dict(values.pop("model", {}) or {})),
+                  "runtime": (RuntimeOptions, dict(values.pop("runtime", {}) or {}))}
+        for name, (kind, inner) in nested.items():
+            for f in fields(kind):
+                if f.name in values:
+                    inner.setdefault(f.name, values.pop(f.name))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**values, model=DCONetConfig(**nested["model"][1]), runtime=RuntimeOptions(**nested["runtime"][1]))
+
+
+# Settings that may differ between a run and its resumption; every other one must stay as it was.
+RUNTIME_FIELDS = frozenset({"device", "bf16", "compile", "cpu_malloc", "workers", "vis_images", "resume", "overwrite",
+                            "amp", "memory_format", "checkpointing", "save_iter_step", "log_every", "data_root", "out"})
+
+MODEL_HELP = {"stage_num": "K, the number of stages", "channels": "width of the BSGU cell and the reconstruction network"}
+
+
+def _flat_settings() -> list[tuple[str, object, str, tuple | None]]:
+    """(name, default, help, choices) of every command-line setting, the nested ones flattened."""
+    out = []
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            out += [(g.name, g.default, MODEL_HELP[g.name], None) for g in fields(DCONetConfig)]
+        elif f.name == "runtime":
+            out += [(g.name, g.default, RUNTIME_HELP[g.name], MODES if g.name == "cpu_malloc" else None)
+                    for g in fields(RuntimeOptions)]
+        else:
+            out.append((f.name, f.default, f.metadata["help"], f.metadata["choices"]))
+    return out
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items())
+    parser = argparse.ArgumentParser(
+        description="Train DCONet with the authors' recipe; every default below is the release's. "
+                    f"With --dataset demo, settings not given default to {demo}.")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="start from the settings in FILE (a run folder's config.json); flags given too win")
+    for name, default, help_text, choices in _flat_settings():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=None, choices=choices,
+                                metavar=None if choices else name.upper(),
+                                help=f"{help_text} (default: {default})" if default != "" else help_text)
+    return parser
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """(TrainConfig, the names of the settings given on the command line). With --config FILE the settings
+    start from the file; with --dataset demo the settings left out come from DEMO_DEFAULTS."""
+    args = vars(build_arg_parser().parse_args(argv))
+    config_file = args.pop("config")
+    given = {k: v for k, v in args.items() if v is not None}
+    base: dict = {}
+    if config_file is not None:
+        try:
+            base = TrainConfig.from_dict(json.loads(Path(config_file).read_text())).to_dict()
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"--config {config_file}: not a readable training configuration ({error}); give a "
+                             f"config.json written by run_0.py") from None
+    flat = _flatten(base)
+    flat.update(given)
+    if flat.get("dataset") == "demo" and config_file is None:
+        flat.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in given})
+    return TrainConfig.from_dict(flat), frozenset(given)
+
+
+def _flatten(values: dict) -> dict:
+    flat = {k: v for k, v in values.items() if k not in ("model", "runtime")}
+    for key in ("model", "runtime"):
+        flat.update(values.get(key, {}))
+    return flat
+
+
+def with_settings(config: TrainConfig, **changes) -> TrainConfig:
+    """``config`` with some settings changed, nested ones (stage_num, device, ...) named flat."""
+    flat = _flatten(config.to_dict())
+    flat.update(changes)
+    return TrainConfig.from_dict(flat)
+
