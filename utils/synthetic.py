@@ -34,6 +34,7 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -185,9 +186,24 @@ def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(scene, 0.02, 1.0).astype(np.float32)
 
 
-def _sensor(rng: np.random.Generator, scene: np.ndarray) -> tuple[np.ndarray, float]:
-    """Apply fixed-pattern non-uniformity and temporal noise. Returns (background, temporal noise sigma)."""
-    size_y, size_x = scene.shape
+@dataclass(frozen=True)
+class _FixedPattern:
+    """A sensor's fixed-pattern non-uniformity: per-column gain, column and row offsets, a vignette."""
+
+    column_gain: np.ndarray    # (W,) float32
+    column_offset: np.ndarray  # (W,) float32
+    row_offset: np.ndarray     # (H,) float32
+    vignette: np.ndarray       # (H, W) float32
+
+    def apply(self, scene: np.ndarray) -> np.ndarray:
+        """The scene as the sensor sees it before temporal noise, float32 (H, W)."""
+        gained = scene * self.column_gain[None, :] * self.vignette
+        return gained + self.column_offset[None, :] + self.row_offset[:, None]
+
+
+def _fixed_pattern(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[_FixedPattern, float]:
+    """Draw a sensor: its fixed pattern and its temporal noise sigma."""
+    size_y, size_x = shape
     column_gain = 1.0 + rng.normal(0.0, rng.uniform(0.005, 0.03), size_x).astype(np.float32)
     column_offset = rng.normal(0.0, rng.uniform(0.002, 0.012), size_x).astype(np.float32)
     row_offset = rng.normal(0.0, rng.uniform(0.0, 0.006), size_y).astype(np.float32)
@@ -195,8 +211,14 @@ def _sensor(rng: np.random.Generator, scene: np.ndarray) -> tuple[np.ndarray, fl
     x = np.linspace(-1, 1, size_x, dtype=np.float32)[None, :]
     vignette = 1.0 - rng.uniform(0.0, 0.15) * (x ** 2 + y ** 2) / 2
     noise_sigma = float(rng.uniform(0.003, 0.015))
+    return _FixedPattern(column_gain, column_offset, row_offset, vignette), noise_sigma
+
+
+def _sensor(rng: np.random.Generator, scene: np.ndarray) -> tuple[np.ndarray, float]:
+    """Apply fixed-pattern non-uniformity and temporal noise. Returns (background, temporal noise sigma)."""
+    pattern, noise_sigma = _fixed_pattern(rng, scene.shape)
     noise = rng.normal(0.0, noise_sigma, scene.shape).astype(np.float32)
-    background = scene * column_gain[None, :] * vignette + column_offset[None, :] + row_offset[:, None] + noise
+    background = pattern.apply(scene) + noise
     return background.astype(np.float32), noise_sigma
 
 
@@ -420,3 +442,4 @@ def ensure_demo_dataset(root: str | Path = "datasets", n_trainval: int = 320, n_
         if read_marker(target) == wanted:  # another process finished the same set first
             return target
         raise
+
