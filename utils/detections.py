@@ -1,0 +1,364 @@
+"""Targets, not maps: one record per detected target, a streaming table of them, masks and annotated frames.
+
+A detection is an 8-connected component of ``probability > threshold``, where probability = sigmoid(T) is the
+network's target probability. The components are those of ``utils.metrics.components`` (the labelling the
+scores use), so ``detect(sigmoid(T), 0.5)`` finds exactly the predicted targets the standard protocol's Pd and
+Fa count (sigmoid(T) > 0.5 in float32, which is T > 0 except for |T| below about 1e-7).
+
+``detect`` takes the probability map, never logits: a map with values outside [0, 1] is refused with a message.
+``detect_logits(T)`` (or ``detect(probability_from_logits(T))``) is the way from logits.
+
+Usage::
+
+    from utils.detections import DetectionTable, detect, draw_detections, write_mask
+
+    with DetectionTable("results/flight/detections.csv") as table:        # or .jsonl; refuses to overwrite
+        for frame in iter_frames("flight.mp4"):                          # utils.video
+            probability = ...                                            # sigmoid(T), (H, W) float32
+            targets = detect(probability, threshold=0.5)                 # [Detection(id=1, x=.., y=.., ...)]
+            table.write(targets, source="flight.mp4", frame=frame.index, time=frame.time)
+            annotated = draw_detections(frame.image, targets)            # BGR uint8, for utils.video.FrameWriter
+
+    probability, targets = Detector("best.pkl")(image)                   # weights in, (H, W) image in
+
+Coordinates are pixels of the map: x is the column, y the row, pixel (0, 0) the top-left pixel whose centre is
+at (0, 0). A box (x0, y0, x1, y1) is inclusive-exclusive, as Python slices: the component lies in
+``probability[y0:y1, x0:x1]``, x1 - x0 is its width.
+
+Tables (``DetectionTable``): one file per run, one row per detection, written and flushed as each image or
+frame comes, so memory does not grow with the run. Columns ``TABLE_COLUMNS``; ``frame`` and ``time_s`` are
+empty (CSV) or null (JSON) for still images. ``.csv`` gives CSV; ``.jsonl`` gives JSON Lines (one JSON object
+per line, the same keys and values): a run that stops early still leaves a valid file, and it streams in as
+well as out (``pandas.read_json(path, lines=True)``). Images or frames without any detection add no row.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from utils.metrics import components, score_map
+from utils.video import to_bgr, write_png
+
+TABLE_COLUMNS = ("source", "frame", "time_s", "id", "x", "y", "x0", "y0", "x1", "y1", "area", "peak", "mean",
+                 "threshold")
+TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+DECIMALS = {"x": 3, "y": 3, "time_s": 6, "peak": 6, "mean": 6, "threshold": 6}  # digits after the point
+_INTEGER_COLUMNS = ("frame", "id", "x0", "y0", "x1", "y1", "area")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected target: an 8-connected component of probability > threshold.
+
+    Args:
+        id: 1..n in the order of ``utils.metrics.components`` (raster order of each component's first pixel).
+        x, y: centroid in pixels, the mean of the component's column (x) and row (y) indices.
+        x0, y0, x1, y1: bounding box, inclusive-exclusive: columns x0..x1-1, rows y0..y1-1.
+        area: pixels in the component.
+        peak, mean: the largest and the mean probability over the component's pixels.
+        threshold: the probability threshold it was found with (pixels with probability > threshold).
+    """
+
+    id: int
+    x: float
+    y: float
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+    peak: float
+    mean: float
+    threshold: float
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), inclusive-exclusive."""
+        return self.x0, self.y0, self.x1, self.y1
+
+    @property
+    def centroid(self) -> tuple[float, float]:
+        """(x, y)."""
+        return self.x, self.y
+
+
+def probability_from_logits(logits: Any) -> np.ndarray:
+    """sigmoid(T) as float32 (H, W), computed as the metrics compute it (``score_map(T, "sigmoid")``)."""
+    return score_map(np.asarray(logits, dtype=np.float32), "sigmoid")
+
+
+def _check_probability(probability: Any) -> np.ndarray:
+    probability = np.asarray(probability, dtype=np.float32)
+    if probability.ndim != 2:
+        raise ValueError(f"detect: expected one probability map of shape (H, W), got shape {probability.shape}; "
+                         f"pass one image's map (e.g. T[0, 0] of an (N, 1, H, W) batch, through sigmoid)")
+    if probability.size and not np.isfinite(probability).all():
+        raise ValueError("detect: the probability map holds NaN or inf values; check the model output")
+    if probability.size and (probability.min() < 0.0 or probability.max() > 1.0):
+        raise ValueError(f"detect: expected probabilities in [0, 1], got values in [{probability.min():.4g}, "
+                         f"{probability.max():.4g}]; this looks like logits T: use detect_logits(T) or "
+                         f"detect(probability_from_logits(T))")
+    return probability
+
+
+def detect(probability: Any, threshold: float = 0.5, min_area: int = 1) -> list[Detection]:
+    """The targets of one probability map.
+
+    Args:
+        probability: sigmoid(T), (H, W), values in [0, 1] (numpy array or CPU tensor).
+        threshold: a pixel belongs to a target when probability > threshold (strict); 0.5 is T > 0.
+        min_area: drop components of fewer pixels (1 keeps all, as the metrics do); the ids of the kept ones
+            are renumbered 1..m in the same order.
+
+    Returns one ``Detection`` per 8-connected component, in label order; an empty list for an empty map.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"detect: threshold is a probability in [0, 1], got {threshold}")
+    if min_area < 1:
+        raise ValueError(f"detect: min_area must be at least 1 pixel, got {min_area}")
+    probability = _check_probability(probability)
+    found = components(probability > threshold)
+    if found.n == 0:
+        return []
+    index = np.arange(1, found.n + 1)
+    peaks = ndimage.maximum(probability, found.labels, index)
+    means = ndimage.sum(probability.astype(np.float64), found.labels, index) / found.area
+    boxes = ndimage.find_objects(found.labels)  # (rows slice, columns slice) per label
+    detections = []
+    for k in range(found.n):
+        if found.area[k] < min_area:
+            continue
+        rows, cols = boxes[k]
+        detections.append(Detection(id=len(detections) + 1,
+                                    x=float(found.centroid[k, 1]), y=float(found.centroid[k, 0]),
+                                    x0=int(cols.start), y0=int(rows.start), x1=int(cols.stop), y1=int(rows.stop),
+                                    area=int(found.area[k]), peak=float(peaks[k]), mean=float(means[k]),
+                                    threshold=float(threshold)))
+    return detections
+
+
+def detect_logits(logits: Any, threshold: float = 0.5, min_area: int = 1) -> list[Detection]:
+    """``detect(sigmoid(T), threshold, min_area)`` for a map of logits T (H, W); the threshold is a probability."""
+    return detect(probability_from_logits(logits), threshold, min_area)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------------
+
+def mask_image(probability: Any, threshold: float = 0.5) -> np.ndarray:
+    """The thresholded map as an 8-bit picture: 255 where probability > threshold, else 0, uint8 (H, W)."""
+    return np.where(_check_probability(probability) > threshold, 255, 0).astype(np.uint8)
+
+
+def write_mask(path: str | Path, probability: Any, threshold: float = 0.5, overwrite: bool = False) -> Path:
+    """Write ``mask_image(probability, threshold)`` as a 0/255 PNG (the layout of the data sets' masks)."""
+    return write_png(path, mask_image(probability, threshold), overwrite)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Annotated frames
+# ----------------------------------------------------------------------------------------------------------
+
+def draw_detections(image: np.ndarray, detections: Sequence[Detection], color: tuple[int, int, int] = (0, 255, 0),
+                    scale: int = 1, show_score: bool = True) -> np.ndarray:
+    """The frame with a box and a label per detection, as a new BGR uint8 image.
+
+    Each box is drawn one pixel outside the component's bounding box (the target's own pixels stay visible);
+    its label is the id and, with ``show_score``, the peak probability ("3 0.97"), above the box or, at the
+    top edge, below it. ``scale`` enlarges the frame first (nearest neighbour; small infrared frames are
+    hard to read at 1:1); the output is then ``scale`` times larger. ``color`` is BGR.
+    """
+    if scale < 1 or int(scale) != scale:
+        raise ValueError(f"draw_detections: scale must be a whole number >= 1, got {scale}")
+    canvas = to_bgr(image)
+    if scale > 1:
+        canvas = cv2.resize(canvas, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    height, width = canvas.shape[:2]
+    font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1
+    for d in detections:
+        left, top = d.x0 * scale - 2, d.y0 * scale - 2          # one pixel of gap around the component
+        right, bottom = d.x1 * scale + 1, d.y1 * scale + 1      # cv2.rectangle's corners are both inclusive
+        cv2.rectangle(canvas, (left, top), (right, bottom), color, 1)
+        label = f"{d.id} {d.peak:.2f}" if show_score else f"{d.id}"
+        (text_w, text_h), baseline = cv2.getTextSize(label, font, font_scale, thickness)
+        text_x = min(max(left, 0), max(width - text_w, 0))
+        text_y = top - 2 if top - 2 - text_h >= 0 else min(bottom + 2 + text_h, height - baseline)
+        cv2.putText(canvas, label, (text_x, text_y), font, font_scale, color, thickness, cv2.LINE_AA)
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------
+
+def _rounded(column: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    return round(float(value), DECIMALS[column])
+
+
+def table_rows(detections: Iterable[Detection], source: str, frame: int | None = None,
+               time: float | None = None) -> list[dict[str, Any]]:
+    """One row (a dict with the keys ``TABLE_COLUMNS``) per detection, floats rounded to ``DECIMALS``."""
+    if time is not None and not math.isfinite(time):
+        raise ValueError(f"{source}: time must be a finite number of seconds or None, got {time}")
+    rows = []
+    for d in detections:
+        row: dict[str, Any] = {"source": str(source), "frame": None if frame is None else int(frame),
+                               "time_s": _rounded("time_s", time)}
+        for key, value in asdict(d).items():
+            row[key] = _rounded(key, value) if key in DECIMALS else int(value)
+        rows.append(row)
+    return rows
+
+
+def _csv_cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column in DECIMALS:
+        return f"{value:.{DECIMALS[column]}f}"
+    return str(value)
+
+
+class DetectionTable:
+    """One table of detections for a whole run, written row by row (constant memory).
+
+    Args:
+        path: ``.csv`` (CSV with a header line) or ``.jsonl`` (JSON Lines); its folder is created.
+        overwrite: replace an existing file; without it an existing file is an error that names it.
+
+    Use as a context manager (the file is closed, and complete, on leaving it), or call ``close()``.
+    ``rows`` counts the rows written so far.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.format = TABLE_FORMATS.get(self.path.suffix.lower())
+        if self.format is None:
+            raise ValueError(f"{self.path}: a detection table is a .csv or a .jsonl (JSON Lines) file; "
+                             f"choose one of these suffixes")
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} already exists and is kept; remove it, choose another name, "
+                                  f"or pass overwrite=True (--overwrite)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w" if overwrite else "x", newline="", encoding="utf-8")
+        self._csv = None
+        if self.format == "csv":
+            self._csv = csv.writer(self._file, lineterminator="\n")
+            self._csv.writerow(TABLE_COLUMNS)
+            self._file.flush()
+        self.rows = 0
+
+    def write(self, detections: Iterable[Detection], source: str, frame: int | None = None,
+              time: float | None = None) -> int:
+        """Append the detections of one image or frame and flush; returns the number of rows written.
+
+        Args:
+            source: the image file or video (its name or path, as the caller wants it shown).
+            frame: the frame index in the video or sequence; None for a still image.
+            time: seconds from the start of the video; None when unknown or for a still image.
+        """
+        if self._file.closed:
+            raise ValueError(f"{self.path}: the table is closed; open a new DetectionTable to write more")
+        rows = table_rows(detections, source, frame, time)
+        for row in rows:
+            if self._csv is not None:
+                self._csv.writerow([_csv_cell(column, row[column]) for column in TABLE_COLUMNS])
+            else:
+                self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.rows += len(rows)
+        return len(rows)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> DetectionTable:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a table ``DetectionTable`` wrote (.csv or .jsonl) as dicts with typed values: ``source`` str,
+    integer columns int, the others float; empty cells (CSV) and nulls (JSON) as None."""
+    path = Path(path)
+    kind = TABLE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: not a detection table (expected a .csv or .jsonl file)")
+    with open(path, newline="", encoding="utf-8") as file:
+        if kind == "jsonl":
+            raw = [json.loads(line) for line in file if line.strip()]
+        else:
+            reader = csv.DictReader(file)
+            if tuple(reader.fieldnames or ()) != TABLE_COLUMNS:
+                raise ValueError(f"{path}: expected the columns {','.join(TABLE_COLUMNS)}, "
+                                 f"found {','.join(reader.fieldnames or [])}")
+            raw = [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+    rows = []
+    for row in raw:
+        typed: dict[str, Any] = {}
+        for column in TABLE_COLUMNS:
+            value = row.get(column)
+            if value is None or column == "source":
+                typed[column] = value
+            elif column in _INTEGER_COLUMNS:
+                typed[column] = int(value)
+            else:
+                typed[column] = float(value)
+        rows.append(typed)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights in, image in, targets out
+# ----------------------------------------------------------------------------------------------------------
+
+class Detector:
+    """A DCONet that returns targets: ``probability, detections = Detector("best.pkl")(image)``.
+
+    Args:
+        model: a weights file (a checkpoint of this project or a release ``best.pkl``, read by
+            ``model.load_model``) or a model with DCONet's call signature (forward(x) -> (D, T)).
+        device: "auto", "cpu" or "cuda".
+        geometry: ``utils.inference.Geometry`` (default: native size, tiled above 512 px). In resize mode the
+            probability map is resized back to the image's size (bilinear) before detection, so that
+            coordinates are always the image's pixels.
+        threshold, min_area: as in ``detect``.
+        bf16, fast: as in ``utils.inference.prepare_model`` (fast=False for a model that is not a DCONet).
+
+    Calling it with a grayscale image (H, W) float32 in [0, 1] (``utils.imageio.read_gray``) returns
+    (sigmoid(T) as float32 (H, W), list of ``Detection``).
+    """
+
+    def __init__(self, model: Any, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
+                 min_area: int = 1, bf16: bool = False, fast: bool = True) -> None:
+        from model import load_model                      # here: torch loads only when a network is needed
+        from utils.inference import Geometry, prepare_model
+        if isinstance(model, (str, Path)):
+            model, _ = load_model(model)
+        self.geometry = Geometry() if geometry is None else geometry
+        self.threshold = threshold
+        self.min_area = min_area
+        self.net = prepare_model(model, device, bf16=bf16, fast=fast)
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
+        from utils.imageio import resize_image
+        from utils.inference import predict
+        image = np.asarray(image, dtype=np.float32)
+        probability = probability_from_logits(predict(self.net, image, self.geometry).T)
+        if probability.shape != image.shape:              # resize mode: back to the image's pixels
+            probability = np.clip(resize_image(probability, image.shape), 0.0, 1.0)
+        return probability, detect(probability, self.threshold, self.min_area)
