@@ -14,7 +14,7 @@ import sys
 
 from model import CheckpointError
 from utils.config import parse_command_line
-from utils.data import DatasetError
+from utils.splits import DatasetError
 from utils.run import NonFiniteLoss, TrainingError, continue_hint
 from utils.training import fit
 

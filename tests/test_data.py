@@ -1,4 +1,4 @@
-"""utils/data.py: finding, checking and loading (image, mask) pairs."""
+"""utils/splits.py and utils/data.py: finding, checking and loading (image, mask) pairs."""
 from __future__ import annotations
 
 import shutil
@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import shared_path
-from utils.data import (DatasetError, DatasetWarning, SirstDataset, build_datasets, locate_split, read_split_file,
-                        split_train_val, target_pixels, validate_split)
+from utils.data import SirstDataset, build_datasets, target_pixels
+from utils.splits import (DatasetError, DatasetWarning, locate_split, read_split_file, split_train_val,
+                          validate_split)
 
 
 def _write(path: Path, array: np.ndarray) -> Path:
@@ -88,7 +89,7 @@ def test_labels_are_mask_over_its_maximum_and_empty_masks_are_valid(tmp_path):
     full, none = data[0], data[1]
     assert full["mask"].dtype == torch.float32
     assert torch.nonzero(full["mask"][0]).tolist() == [[2, 3], [4, 5], [6, 7]]
-    assert full["mask"][0, [2, 4, 6], [3, 5, 7]].tolist() == pytest.approx([0.25, 0.5, 1.0])   # the release's soft labels
+    assert full["mask"][0, [2, 4, 6], [3, 5, 7]].tolist() == pytest.approx([0.25, 0.5, 1.0])   # soft, as the release
     assert torch.nonzero(target_pixels(full["mask"][0])).tolist() == [[6, 7]]               # its validation labels
     assert none["stem"] == "none" and none["mask"].sum() == 0
 
@@ -314,7 +315,8 @@ def test_augmentation_is_reproducible_and_keeps_image_and_mask_aligned(tmp_path)
     other = make(6)
     assert any(not torch.equal(other[i]["image"], first[i]["image"]) for i in range(len(first)))
     plain = SirstDataset.from_folder(tmp_path, "aug", "trainval", base_size=32)
-    assert torch.equal(plain[0]["image"], SirstDataset.from_folder(tmp_path, "aug", "trainval", base_size=32)[0]["image"])
+    again = SirstDataset.from_folder(tmp_path, "aug", "trainval", base_size=32)
+    assert torch.equal(plain[0]["image"], again[0]["image"])
 
 
 def test_random_crop_pads_small_images_and_keeps_alignment(tmp_path):

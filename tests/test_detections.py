@@ -11,9 +11,11 @@ import torch
 from model import DCONet, DCONetConfig, StageOutput, to_release_state_dict
 from utils.detections import (TABLE_COLUMNS, Detection, DetectionTable, Detector, detect, detect_logits,
                               draw_detections, mask_image, probability_from_logits, read_table, table_rows,
-                              write_mask)
+                              to_image_pixels, write_mask)
 from utils.inference import Geometry, predict, prepare_model
-from utils.metrics import components, score_map
+from utils.components import components
+from utils.imageio import resize_linear
+from utils.metrics import score_map
 
 
 def hand_made_map() -> np.ndarray:
@@ -183,11 +185,15 @@ def test_detector_weights_in_image_in_probability_and_targets_out(tmp_path):
     weights = tmp_path / "best.pkl"
     torch.save(to_release_state_dict(model), weights)
     image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
-    probability, found = Detector(weights, device="cpu")(image)
     net = prepare_model(model, "cpu")
-    reference = probability_from_logits(predict(net, image).T)
+    # a release best.pkl runs at 256x256, as t_models.py runs it; map and targets come back in the image's pixels
+    probability, found = Detector(weights, device="cpu")(image)
+    on_map = probability_from_logits(predict(net, image, Geometry(resize=256)).T)
     assert probability.shape == (64, 64) and probability.dtype == np.float32
-    np.testing.assert_allclose(probability, reference, atol=1e-6)
+    np.testing.assert_allclose(probability, np.clip(resize_linear(on_map, (64, 64)), 0, 1), atol=1e-6)
+    assert found == to_image_pixels(detect(on_map), (256, 256), (64, 64))
+    probability, found = Detector(weights, device="cpu", geometry=Geometry())(image)      # native size
+    np.testing.assert_allclose(probability, probability_from_logits(predict(net, image).T), atol=1e-6)
     assert found == detect(probability)
 
     stand_in = Detector(Threshold(), device="cpu", fast=False, geometry=Geometry(resize=64))

@@ -241,14 +241,15 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path
     shutil.copy(data_root / "tiny" / "test" / "images" / "b.png", folder / "b.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     code, _, err = run(capsys, "--input", folder, "--weights", weights["project"], "--out", tmp_path / "o1")
-    assert code == 0 and "broken.png" in err and "skipped 1 unreadable image" in err
+    assert code == 1 and "broken.png" in err and "1 image(s) could not be read and were skipped" in err
     assert (tmp_path / "o1" / "mat" / "b.mat").is_file()
+    assert "[ WARN" not in err and "[ERROR" not in err, "OpenCV's own messages reach the output"
     code, _, err = run(capsys, "--input", folder, "--weights", weights["project"], "--out", tmp_path / "o2",
                        "--strict")
     assert code == 2 and "broken.png" in err and "--strict" in err
     (folder / "b.png").unlink()
     code, _, err = run(capsys, "--input", folder, "--weights", weights["project"], "--out", tmp_path / "o3")
-    assert code == 2 and "no image could be read" in err
+    assert code == 1 and "1 image(s) could not be read" in err
 
 
 def test_weights_that_do_not_fit_exit_2_naming_the_key(tmp_path, data_root, weights, capsys):

@@ -1,20 +1,12 @@
-"""utils/video.py: frames from videos and folders, annotated output; and the whole path from a synthetic
-sequence to a table of targets checked against the generator's truth."""
+"""utils/video.py: frames from videos and folders, one at a time, and annotated output."""
 from __future__ import annotations
-
-from collections import defaultdict
 
 import cv2
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from model import StageOutput
-from utils.detections import DetectionTable, Detector, detect, draw_detections, read_table
-from utils.imageio import list_images, read_gray
-from utils.inference import Geometry, iter_predictions, prepare_model
-from utils.synthetic import make_sequence, write_sequence
+from utils.detections import detect, draw_detections
+from utils.imageio import read_image
 from utils.video import (VIDEO_CODECS, FrameSource, FrameWriter, ReadSummary, VideoSourceError, iter_frames,
                          list_frames, write_png)
 
@@ -49,7 +41,7 @@ def test_folder_source_times_and_a_corrupt_frame(tmp_path):
     assert [f.time for f in got] == [i / 4.0 for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)]
     assert [f.name for f in got][:3] == ["f0", "f1", "f2"]
     for frame in got:
-        np.testing.assert_array_equal(frame.image, read_gray(tmp_path / f"f{frame.index}.png"))
+        np.testing.assert_array_equal(frame.image, read_image(tmp_path / f"f{frame.index}.png"))
     assert source.summary.read == 11 and source.summary.failed == 1
     assert "f5.png" in source.summary.errors[0] and "frame 5" in source.summary.errors[0]
     assert "1 could not be decoded" in str(source.summary)
@@ -69,8 +61,8 @@ def test_lossless_video_round_trip(tmp_path):
     got = list(source)
     assert [f.index for f in got] == list(range(9)) and got[3].name == "clip_000003"
     for frame, written in zip(got, frames):
-        assert frame.image.dtype == np.float32 and frame.image.shape == (48, 64)
-        np.testing.assert_array_equal(frame.image, written / np.float32(255))   # FFV1 is lossless
+        assert frame.image.dtype == np.uint8 and frame.image.shape == (48, 64)
+        np.testing.assert_array_equal(frame.image, written)                      # FFV1 is lossless
         assert frame.time == pytest.approx(frame.index / 7.5, abs=1e-3)         # .mkv stores milliseconds
     assert source.summary.read == 9 and source.summary.failed == 0
     assert len(list(source)) == 9, "a source can be read again"
@@ -89,7 +81,7 @@ def test_annotated_video_is_readable_with_every_codec(tmp_path, suffix):
     for frame, written in zip(got, frames):   # lossy codecs: close to the drawn frame's gray
         drawn = cv2.cvtColor(draw_detections(written, detect((written > 200).astype(np.float32)), color=(0, 0, 255)),
                              cv2.COLOR_BGR2GRAY)
-        assert np.abs(frame.image * 255 - drawn).mean() < 12
+        assert np.abs(frame.image.astype(float) - drawn).mean() < 12
 
 
 def test_frame_writer_folder_and_refusals(tmp_path):
@@ -166,7 +158,7 @@ def test_undecodable_video_frames_are_counted_and_skipped(tmp_path, monkeypatch,
     got = list(source)
     assert [f.index for f in got] == [0, 3, 4]
     assert [f.time for f in got] == [0.0, 0.15, 0.2]
-    assert [f.image[0, 0] * 255 for f in got] == [0, 3, 4]
+    assert [f.image[0, 0] for f in got] == [0, 3, 4]
     assert source.summary.errors[0].startswith("frames 1..2")
     assert (source.summary.read, source.summary.failed) == (read, failed)
 
@@ -189,97 +181,3 @@ def test_sources_that_cannot_be_opened(tmp_path):
     write_png(tmp_path / "still.png", np.full((5, 6), 128, np.uint8))
     (frame,) = list(FrameSource(tmp_path / "still.png"))
     assert (frame.index, frame.time, frame.name, frame.image.shape) == (0, None, "still", (5, 6))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# End to end: synthetic frames -> network -> targets -> table, checked against the generator's truth
-# ----------------------------------------------------------------------------------------------------------
-
-GAIN, MARGIN = 200.0, 0.02  # MARGIN: above the 1/510 quantisation, below the smallest target amplitude (0.05)
-
-
-class BackgroundSubtraction(nn.Module):
-    """A stand-in for DCONet with its call signature: T = GAIN * (x - background - MARGIN), B = background, D = x.
-
-    These tests check the path from frames to a table of targets (reading videos and folders, inference's
-    padding and batching, thresholding, labelling, centroids, ids, frame indices, times, the table and the
-    annotated output), so the network's predictions must not be in question: a trained DCONet finds most
-    targets, not all, and which ones depends on training. The stand-in's output is a known function of the
-    input instead. The sequences are made without temporal noise, so x - background is each rendered target
-    profile times its amplitude (plus at most 1/510 of 8-bit rounding): T > 0 exactly on a superlevel set of
-    each target's profile, one 8-connected component per target (their patches never meet), centred on it.
-    Any target missed, split, duplicated, displaced or filed under the wrong frame is then a fault of the path.
-    """
-
-    def __init__(self, background: np.ndarray):
-        super().__init__()
-        self.register_buffer("background", torch.from_numpy(background)[None, None])   # (1, 1, H, W)
-
-    def forward(self, x, return_stages=False):
-        B = self.background.expand_as(x)
-        T = GAIN * (x - B - MARGIN)
-        return (x, T, [StageOutput(B, T, x)]) if return_stages else (x, T)
-
-
-def assert_matches_truth(rows: list[dict], truths: dict, key: str) -> None:
-    """Every target of every frame found once, centroid within 1 px; nothing else found."""
-    by_frame = defaultdict(list)
-    for row in rows:
-        by_frame[row[key]].append(row)
-    assert sorted(by_frame) == sorted(truths), "every frame has its targets"
-    for name, truth in truths.items():
-        found = by_frame[name]
-        assert len(found) == len(truth.ids), f"{name}: {len(found)} detections for {len(truth.ids)} targets"
-        assert sorted(row["id"] for row in found) == list(range(1, len(found) + 1))
-        for x, y in truth.centroids:
-            near = [row for row in found if np.hypot(row["x"] - x, row["y"] - y) < 1.0]
-            assert len(near) == 1, f"{name}: target at ({x:.2f}, {y:.2f}) matched by {len(near)} detections"
-
-
-def test_end_to_end_sequence_video_and_folder(tmp_path):
-    sequence = make_sequence(21, n_frames=24, size=128, targets=3, noise_sigma=0.0, fps=12.5, speed=(1.5, 2.5))
-    files = write_sequence(sequence, tmp_path / "sequence")
-    truths = {truth.index: truth for _, truth in sequence}
-    net = prepare_model(BackgroundSubtraction(sequence.background), "cpu", fast=False)
-    for kind, path, fps in (("video", files.video, None), ("folder", files.frames, sequence.fps)):
-        source = FrameSource(path, fps=fps)
-        assert source.frame_count == 24 and source.fps == pytest.approx(12.5)
-        waiting = {}
-
-        def items():
-            for frame in source:
-                waiting[frame.name] = frame
-                yield frame.name, frame.image
-
-        with DetectionTable(tmp_path / f"{kind}.jsonl") as table, \
-                FrameWriter(tmp_path / f"{kind}.avi", fps=source.fps) as annotated:
-            for prediction in iter_predictions(net, items(), Geometry(), batch_size=4):
-                frame = waiting.pop(prediction.name)
-                found = detect(prediction.probability)
-                table.write(found, source=path.name, frame=frame.index, time=frame.time)
-                annotated.write(draw_detections(frame.image, found), frame.name)
-        assert not waiting and source.summary.read == 24 and source.summary.failed == 0
-        rows = read_table(tmp_path / f"{kind}.jsonl")
-        assert_matches_truth(rows, truths, "frame")
-        for row in rows:
-            assert row["time_s"] == pytest.approx(truths[row["frame"]].time, abs=1e-3)
-            assert row["source"] == path.name and row["peak"] > 0.5 and row["threshold"] == 0.5
-        replay = FrameSource(tmp_path / f"{kind}.avi")
-        assert replay.frame_count == 24 and replay.size == (128, 128) and len(list(replay)) == 24
-
-
-def test_end_to_end_still_images(tmp_path):
-    stills = make_sequence(22, n_frames=6, size=96, targets=2, noise_sigma=0.0, speed=(2.0, 3.0))
-    truths = {}
-    for (image, truth), name in zip(stills, "fedcba"):
-        write_png(tmp_path / "stills" / f"{name}.png", np.round(image * 255).astype(np.uint8))
-        truths[f"{name}.png"] = truth
-    detector = Detector(BackgroundSubtraction(stills.background), device="cpu", fast=False)
-    with DetectionTable(tmp_path / "stills.csv") as table:
-        for path in list_images(tmp_path / "stills"):
-            probability, found = detector(read_gray(path))
-            assert probability.shape == (96, 96)
-            table.write(found, source=path.name)
-    rows = read_table(tmp_path / "stills.csv")
-    assert_matches_truth(rows, truths, "source")
-    assert all(row["frame"] is None and row["time_s"] is None for row in rows)

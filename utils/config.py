@@ -36,7 +36,8 @@ class TrainConfig:
     """Every setting of a training run. The defaults are the authors' recipe (DCONet release, run_0.py)."""
 
     dataset: str = _setting("IRSTD-1k", "data set folder under --data-root (NUDT-SIRST, IRSTD-1k, sirst_aug, "
-                                        "NUAA-SIRST or any other in that layout), or 'demo': the built-in synthetic set")
+                                        "NUAA-SIRST or any other in that layout), or 'demo': the built-in "
+                                        "synthetic set")
     data_root: str = _setting("datasets", "folder holding the data sets")
     out: str = _setting("", "run folder (default: Weight/<dataset>)")
     epochs: int = _setting(400, "training epochs")
@@ -118,7 +119,8 @@ class TrainConfig:
 RUNTIME_FIELDS = frozenset({"device", "bf16", "compile", "cpu_malloc", "workers", "vis_images", "resume", "overwrite",
                             "amp", "memory_format", "checkpointing", "save_iter_step", "log_every", "data_root", "out"})
 
-MODEL_HELP = {"stage_num": "K, the number of stages", "channels": "width of the BSGU cell and the reconstruction network"}
+MODEL_HELP = {"stage_num": "K, the number of stages",
+              "channels": "width of the BSGU cell and the reconstruction network"}
 
 
 def _flat_settings() -> list[tuple[str, object, str, tuple | None]]:

@@ -37,7 +37,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from utils.metrics import components, score_map
+from utils.components import components
+from utils.metrics import score_map
 from utils.video import to_bgr, write_png
 
 TABLE_COLUMNS = ("source", "frame", "time_s", "id", "x", "y", "x0", "y0", "x1", "y1", "area", "peak", "mean",
@@ -332,33 +333,50 @@ class Detector:
     Args:
         model: a weights file (a checkpoint of this project or a release ``best.pkl``, read by
             ``model.load_model``) or a model with DCONet's call signature (forward(x) -> (D, T)).
-        device: "auto", "cpu" or "cuda".
-        geometry: ``utils.inference.Geometry`` (default: native size, tiled above 512 px). In resize mode the
-            probability map is resized back to the image's size (bilinear) before detection, so that
-            coordinates are always the image's pixels.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        geometry: ``utils.inference.Geometry``; default for a weights file: the geometry it was trained with, as
+            t_models.py chooses it (a release best.pkl: 256x256); for a model: native size.
         threshold, min_area: as in ``detect``.
         bf16, fast: as in ``utils.inference.prepare_model`` (fast=False for a model that is not a DCONet).
 
-    Calling it with a grayscale image (H, W) float32 in [0, 1] (``utils.imageio.read_gray``) returns
-    (sigmoid(T) as float32 (H, W), list of ``Detection``).
+    Calling it with a grayscale image (H, W) (uint8 or uint16 as ``utils.imageio.read_image`` gives it, or
+    float32 in [0, 1]) returns (sigmoid(T) as float32 (H, W), list of ``Detection``) in the image's pixels: the
+    targets are found on the network's map, as t_models.py finds them, and when the geometry resized the image
+    the map is resized back (bilinear) and the detections scaled back (``to_image_pixels``).
     """
 
     def __init__(self, model: Any, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
                  min_area: int = 1, bf16: bool = False, fast: bool = True) -> None:
         from model import load_model                      # here: torch loads only when a network is needed
-        from utils.inference import Geometry, prepare_model
+        from utils.inference import Geometry, prepare_model, trained_geometry
         if isinstance(model, (str, Path)):
-            model, _ = load_model(model)
+            model, info = load_model(model)
+            geometry = geometry if geometry is not None else trained_geometry(info)[0]
         self.geometry = Geometry() if geometry is None else geometry
         self.threshold = threshold
         self.min_area = min_area
         self.net = prepare_model(model, device, bf16=bf16, fast=fast)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
-        from utils.imageio import resize_image
+        from utils.imageio import resize_linear
         from utils.inference import predict
-        image = np.asarray(image, dtype=np.float32)
+        image = np.asarray(image)
         probability = probability_from_logits(predict(self.net, image, self.geometry).T)
+        found = to_image_pixels(detect(probability, self.threshold, self.min_area), probability.shape, image.shape)
         if probability.shape != image.shape:              # resize mode: back to the image's pixels
-            probability = np.clip(resize_image(probability, image.shape), 0.0, 1.0)
-        return probability, detect(probability, self.threshold, self.min_area)
+            probability = np.clip(resize_linear(probability, image.shape), 0.0, 1.0)
+        return probability, found
+
+
+def to_image_pixels(detections: list[Detection], map_shape: tuple[int, int],
+                    image_shape: tuple[int, int]) -> list[Detection]:
+    """Detections found on a map of ``map_shape`` in the pixels of the image of ``image_shape`` it was resized
+    from: centroids by pixel centres (x_image = (x + 0.5) * W / w - 0.5), boxes widened to whole pixels, areas
+    scaled by the pixel ratio (rounded, at least 1)."""
+    (h, w), (H, W) = map_shape, tuple(image_shape[:2])
+    if (h, w) == (H, W):
+        return list(detections)
+    sy, sx = H / h, W / w
+    return [replace(d, x=(d.x + 0.5) * sx - 0.5, y=(d.y + 0.5) * sy - 0.5, x0=int(math.floor(d.x0 * sx)),
+                    y0=int(math.floor(d.y0 * sy)), x1=min(W, int(math.ceil(d.x1 * sx))),
+                    y1=min(H, int(math.ceil(d.y1 * sy))), area=max(1, round(d.area * sx * sy))) for d in detections]

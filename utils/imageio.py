@@ -21,6 +21,7 @@ PIL's NEAREST), which does not shift a target by half a pixel as the legacy rule
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -28,6 +29,13 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 _READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH   # cv2.imread(path, 0), without cutting 16 bits to 8
+
+
+def quiet_opencv() -> None:
+    """Keep OpenCV's and its FFmpeg's own messages ("[ WARN:0@...] ...", "[png @ ...] ...") out of the output:
+    the scripts report every file they cannot read themselves, by name."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")      # AV_LOG_QUIET, read when FFmpeg is first used
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 class ImageReadError(ValueError):

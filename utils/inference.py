@@ -21,30 +21,21 @@ Typical use (training code validating on images of any size)::
 from __future__ import annotations
 
 import itertools
-import math
-import sys
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
-import scipy.io
 import torch
 from scipy.special import expit
 from torch import nn
-from tqdm import tqdm
 
 from model.dconet import SIZE_MULTIPLE, StageOutput
 from model.fast import optimize_for_inference
-from utils.imageio import (IMAGE_SUFFIXES, ImageReadError, list_images, read_image, read_mask, release_image,
-                           resize_mask_centres, resize_nearest, to_unit)
+from utils.imageio import release_image, to_unit
+from utils.runtime import resolve_device
 
 MAPS_PER_STAGE = 3                 # B, T, D: the channel order of the map stacks below
 MAX_PENDING_PIXELS = 1 << 25       # images waiting for a batch of their size, at most (~128 MB of float32)
-RESULT_FOLDERS = ("img", "mat", "vis")
 
 
 @dataclass(frozen=True)
@@ -141,19 +132,6 @@ def to_png(logits: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else the CPU; "cuda" without a GPU is an error that says so."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but PyTorch sees no CUDA GPU "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
-    return device
-
 
 class InferenceModel(nn.Module):
     """A DCONet prepared for inference: forward(x, return_stages) as DCONet's, outputs always float32.
@@ -357,172 +335,3 @@ def predict(model: nn.Module, image: np.ndarray, geometry: Geometry = Geometry()
             return_stages: bool = False) -> Prediction:
     """The prediction for one image (H, W): uint8/uint16 as read from a file, or float32 in [0, 1]."""
     return next(iter_predictions(model, [("image", image)], geometry, 1, return_stages))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Export: files in, results out
-# ----------------------------------------------------------------------------------------------------------
-
-class ExportError(ValueError):
-    """A problem the user has to fix before an export can run (paths, existing results, unreadable images)."""
-
-
-def write_prediction(prediction: Prediction, out_dir: str | Path) -> None:
-    """results layout of the release: img/<stem>.png (round(sigmoid(T) * 255), 8-bit) and mat/<stem>.mat
-    (T logits, B and D of the last stage, float32 (H, W))."""
-    out_dir = Path(out_dir)
-    (out_dir / "img").mkdir(parents=True, exist_ok=True)
-    (out_dir / "mat").mkdir(parents=True, exist_ok=True)
-    png_path = out_dir / "img" / f"{prediction.name}.png"
-    ok, encoded = cv2.imencode(".png", to_png(prediction.T))
-    if not ok:
-        raise OSError(f"{png_path}: could not encode the prediction as PNG")
-    encoded.tofile(str(png_path))
-    scipy.io.savemat(out_dir / "mat" / f"{prediction.name}.mat",
-                     {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
-
-
-def existing_results(out_dir: str | Path) -> list[Path]:
-    """Files already in <out>/img, <out>/mat or <out>/vis."""
-    out_dir = Path(out_dir)
-    return sorted(p for sub in RESULT_FOLDERS if (out_dir / sub).is_dir() for p in (out_dir / sub).iterdir())
-
-
-def find_mask(mask_dir: Path | None, stem: str) -> Path | None:
-    """<mask_dir>/<stem>.<any image suffix>, or None."""
-    if mask_dir is None or not mask_dir.is_dir():
-        return None
-    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
-        path = mask_dir / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-@dataclass
-class ExportSummary:
-    """What an export did: images written, files skipped (with the reason), seconds spent in the loop."""
-
-    written: int = 0
-    skipped: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    panels: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else math.nan
-
-
-def export(model: nn.Module, files: list[Path], out_dir: str | Path, geometry: Geometry = Geometry(),
-           batch_size: int = 1, strict: bool = False, visualize: bool = False, mask_dir: Path | None = None,
-           progress: bool = True, warn: Callable[[str], None] | None = None) -> ExportSummary:
-    """Predict every image file in ``files`` with a prepared model and write img/, mat/ (and vis/) under ``out_dir``.
-
-    An unreadable image is reported through ``warn`` (default: stderr, above the progress bar) and skipped
-    (``ExportError`` with ``strict``). With ``visualize``, a decomposition panel per image goes to
-    <out>/vis/<stem>.png, with the ground truth of <mask_dir>/<stem>.* when it exists.
-    """
-    out_dir = Path(out_dir)
-    duplicates = sorted(stem for stem, count in Counter(f.stem for f in files).items() if count > 1)
-    if duplicates:
-        raise ExportError(f"several input files share the name(s) {duplicates[:5]} (different suffixes); "
-                          f"their results would overwrite each other: rename or move them")
-    summary = ExportSummary()
-    images: dict[str, np.ndarray] = {}
-    bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
-    warn = warn or (lambda message: tqdm.write(message, file=sys.stderr))
-
-    def readable() -> Iterator[tuple[str, np.ndarray]]:
-        for path in files:
-            try:
-                image = read_image(path)
-            except ImageReadError as error:
-                if strict:
-                    raise ExportError(f"{error} (stopped because of --strict; without it the file is skipped)")
-                summary.skipped.append(str(error))
-                warn(f"skipped: {error}")
-                bar.update(1)
-                continue
-            if visualize:
-                images[path.stem] = image
-            yield path.stem, image
-
-    start = time.perf_counter()
-    try:
-        for prediction in iter_predictions(model, readable(), geometry, batch_size, return_stages=visualize):
-            write_prediction(prediction, out_dir)
-            if visualize:
-                from utils.visualization import save_panel   # here: matplotlib loads only when needed
-                image = images.pop(prediction.name)
-                mask_path = find_mask(mask_dir, prediction.name)
-                mask = _read_mask_for(mask_path, image.shape, geometry, warn) if mask_path else None
-                shown = release_image(image, prediction.T.shape) if geometry.resize else to_unit(image)
-                save_panel(out_dir / "vis" / f"{prediction.name}.png", shown, prediction, mask)
-                summary.panels += 1
-            summary.written += 1
-            bar.update(1)
-    finally:
-        bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def _read_mask_for(path: Path, image_shape: tuple[int, int], geometry: Geometry,
-                   warn: Callable[[str], None]) -> np.ndarray | None:
-    """A mask brought to the prediction's size (nearest neighbour), or None (with a note) when unreadable."""
-    try:
-        mask = read_mask(path)
-    except ImageReadError as error:
-        warn(f"mask not shown: {error}")
-        return None
-    if geometry.resize:
-        return resize_nearest(mask, (geometry.resize, geometry.resize)) > 0     # the release's geometry
-    return resize_mask_centres(mask, tuple(image_shape)) > 0
-
-
-def dataset_images(data_root: str | Path, name: str) -> tuple[list[Path], Path]:
-    """The test images of <data_root>/<name>/test/images and the folder of their masks."""
-    root = Path(data_root)
-    folder = root / name / "test" / "images"
-    if not folder.is_dir():
-        known = sorted(p.name for p in root.iterdir() if (p / "test" / "images").is_dir()) if root.is_dir() else []
-        raise ExportError(f"{folder}: no such folder. A data set lives in <data-root>/<name>/test/images "
-                          f"(see datasets/README.md); data sets found under {root}: {known or 'none'}; "
-                          f"use --data-root to look elsewhere, or --input for any folder of images")
-    files = list_images(folder)
-    if not files:
-        raise ExportError(f"{folder}: holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files, root / name / "test" / "masks"
-
-
-def input_images(path: str | Path) -> list[Path]:
-    """One image file, or the image files directly inside a folder."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ExportError(f"{path}: no such file or folder")
-    files = list_images(path)
-    if not files:
-        raise ExportError(f"{path}: holds no image files ({', '.join(IMAGE_SUFFIXES)}) directly inside it")
-    return files
-
-
-def default_weights(dataset: str | None, weight_root: str | Path = "Weight") -> Path:
-    """Weight/<dataset>/best.pkl, which training writes; an error that says what to do when it is absent."""
-    if dataset is None:
-        raise ExportError("no weights given: pass --weights FILE (a checkpoint of this project or a release best.pkl)")
-    path = Path(weight_root) / dataset / "best.pkl"
-    if not path.is_file():
-        raise ExportError(f"no weights given and {path} does not exist: train first "
-                          f"(python run_0.py --dataset {dataset}) or pass --weights FILE "
-                          f"(a checkpoint of this project or an authors' best.pkl)")
-    return path
-
-
-def check_output(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse to write into a folder that already holds results, unless ``overwrite``."""
-    found = existing_results(out_dir)
-    if found and not overwrite:
-        raise ExportError(f"{out_dir} already holds {len(found)} result file(s) (e.g. {found[0]}); they are kept. "
-                          f"Pass --overwrite to write over them, or --out to choose another folder")

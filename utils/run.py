@@ -63,7 +63,8 @@ def prepare_run_dir(config: TrainConfig) -> tuple[Path, bool]:
                 hint = ("the run stopped during its first epoch, so there is nothing to resume from: run it again "
                         "with --overwrite instead of --resume")
             elif existing:
-                hint = "the run stopped before its first checkpoint: run it again without --resume (it restarts in place)"
+                hint = ("the run stopped before its first checkpoint: run it again without --resume (it restarts "
+                        "in place)")
             else:
                 hint = "it holds no run: start it without --resume"
             raise TrainingError(f"--resume: {run_dir / 'latest.pkl'} does not exist; {hint}")

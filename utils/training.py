@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -212,8 +211,8 @@ class Trainer:
                         f"last good state. Lower --lr or turn off --amp/--bf16, then continue with --resume or "
                         f"start again with --overwrite") from error
                 p["epoch"] = epoch
-                self.log(f"epoch {epoch}/{config.epochs} done - " + ", ".join(
-                    f"{k} {stats[k]:.4f}" for k in ("loss", "soft_iou", "mse")) + f" - lr {stats['lr']:.3e} (last used)")
+                losses = ", ".join(f"{k} {stats[k]:.4f}" for k in ("loss", "soft_iou", "mse"))
+                self.log(f"epoch {epoch}/{config.epochs} done - {losses} - lr {stats['lr']:.3e} (last used)")
                 self.validate(epoch)
                 self._save("latest.pkl")
                 dist_utils.barrier(self.info)

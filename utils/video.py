@@ -4,11 +4,12 @@ Reading (``FrameSource``, ``iter_frames``): a source is
 
 - a video file: anything ``cv2.VideoCapture`` opens (with opencv-python(-headless): FFmpeg, so .mp4, .avi,
   .mkv, .mov, ...). Each decoded frame (BGR uint8) becomes gray as ``cv2.cvtColor(frame, COLOR_BGR2GRAY)``
-  does (ITU-R 601 luma, as ``utils.imageio.read_gray`` does for colour images), divided by 255: float32 (H, W)
-  in [0, 1]. A frame's time is its presentation time (``CAP_PROP_POS_MSEC`` / 1000) when the backend gives
-  one, else index / fps; None when neither is known.
+  does (ITU-R 601 luma), kept as 8 bits (H, W) like a still image from ``utils.imageio.read_image``, so that the
+  release's geometry (8-bit resize, then / 255) applies to it as to an image file. A frame's time is its
+  presentation time (``CAP_PROP_POS_MSEC`` / 1000) when the backend gives one, else index / fps; None when
+  neither is known.
 - a folder of frames: its image files (``utils.imageio.IMAGE_SUFFIXES``) in natural order (digits compare as
-  numbers: frame2 before frame10; ties by plain name), each read by ``utils.imageio.read_gray`` exactly as a
+  numbers: frame2 before frame10; ties by plain name), each read by ``utils.imageio.read_image`` exactly as a
   still image is. Time is index / fps when ``fps`` is given, else None.
 - one image file: a source of one frame (time None).
 
@@ -43,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.imageio import IMAGE_SUFFIXES, ImageReadError, read_gray
+from utils.imageio import IMAGE_SUFFIXES, ImageReadError, read_image
 
 VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "FFV1"}  # FourCC written for each suffix
 LOSSLESS_CODEC = "FFV1"
@@ -59,7 +60,8 @@ class VideoSourceError(ValueError):
 class Frame:
     """One frame: ``index`` (position in the source), ``time`` (seconds, or None), ``name`` (a file stem for
     outputs: the image's stem, or ``<video stem>_<index:06d>``), ``source`` (the video's or image's path) and
-    ``image`` (float32 (H, W) in [0, 1])."""
+    ``image`` (gray (H, W) as ``utils.imageio.read_image`` gives it: uint8, uint16 for 16-bit data; ``to_unit``
+    makes it float32 in [0, 1])."""
 
     index: int
     time: float | None
@@ -106,15 +108,14 @@ def list_frames(folder: str | Path) -> list[Path]:
 
 
 def video_gray(frame: np.ndarray) -> np.ndarray:
-    """A decoded video frame (BGR, BGRA or gray; 8 or 16 bit) as float32 gray (H, W) in [0, 1]."""
+    """A decoded video frame (BGR, BGRA or gray; 8 or 16 bit) as gray (H, W) of the same type."""
     if frame.ndim == 3 and frame.shape[2] == 3:
         frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
     elif frame.ndim == 3 and frame.shape[2] == 4:
         frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2GRAY)
     elif frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
-    scale = 65535.0 if frame.dtype == np.uint16 else 255.0
-    return frame.astype(np.float32) / scale
+    return frame
 
 
 def _positive(value: float) -> float | None:
@@ -135,7 +136,7 @@ class FrameSource:
 
     Raises:
         VideoSourceError: the path does not exist, is a folder without image files, or a file neither OpenCV's
-            video reader nor ``read_gray`` can open.
+            video reader nor ``read_image`` can open.
     """
 
     def __init__(self, source: str | Path, fps: float | None = None) -> None:
@@ -159,7 +160,7 @@ class FrameSource:
         if self.path.suffix.lower() in IMAGE_SUFFIXES:
             self.kind = "image"
             try:
-                image = read_gray(self.path)
+                image = read_image(self.path)
             except ImageReadError as error:
                 raise VideoSourceError(str(error)) from error
             self._still = Frame(index=0, time=None, name=self.path.stem, source=str(self.path), image=image)
@@ -202,7 +203,7 @@ class FrameSource:
     def _folder_frames(self, summary: ReadSummary) -> Iterator[Frame]:
         for index, path in enumerate(self._files):
             try:
-                image = read_gray(path)
+                image = read_image(path)
             except ImageReadError as error:
                 summary.add_failure(f"frame {index}: {error}")
                 continue
@@ -257,14 +258,16 @@ def iter_frames(source: str | Path, fps: float | None = None, summary: ReadSumma
 
 def to_bgr(image: np.ndarray) -> np.ndarray:
     """A frame as a BGR uint8 picture (a new array): float gray in [0, 1] is scaled by 255 (clipped, rounded),
-    uint8 gray is repeated over three channels, BGR uint8 is copied."""
+    16-bit gray keeps its 8 high bits, uint8 gray is repeated over three channels, BGR uint8 is copied."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
         return image.copy()
     if image.ndim != 2:
         raise ValueError(f"expected a gray frame (H, W) or a BGR uint8 frame (H, W, 3), got shape {image.shape} "
                          f"and type {image.dtype}")
-    if image.dtype != np.uint8:
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
         image = np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
 
