@@ -354,14 +354,14 @@ def test_build_datasets_gathers_problems_of_both_splits(tmp_path):
 
 
 def test_build_datasets_writes_the_demo_set_once_and_keeps_an_existing_one(tmp_path, monkeypatch):
-    from utils import synthetic
+    from utils import synthetic_sets
     written = []
 
     def small_demo(root):
         written.append(root)
-        return synthetic.write_dataset(root, "demo", n_trainval=4, n_test=2, size=64)
+        return synthetic_sets.write_dataset(root, "demo", n_trainval=4, n_test=2, size=64)
 
-    monkeypatch.setattr(synthetic, "ensure_demo_dataset", small_demo)
+    monkeypatch.setattr(synthetic_sets, "ensure_demo_dataset", small_demo)
     first = build_datasets(tmp_path, "demo", base_size=64)
     assert written == [tmp_path] and (len(first.train), len(first.test)) == (4, 2)
     build_datasets(tmp_path, "demo", base_size=64)

@@ -18,11 +18,12 @@ import t_models
 from conftest import shared_path
 from model import StageOutput
 from utils.components import components, match_targets
-from utils.detections import Detector, read_table
+from utils.detection_table import read_table
+from utils.detections import Detector
 from utils.export import ExportOptions, export
 from utils.imageio import read_mask, resize_mask_centres
 from utils.inference import Geometry, prepare_model
-from utils.synthetic import make_sequence, write_sequence
+from utils.synthetic_sequence import make_sequence, write_sequence
 from utils.video import FrameSource, write_png
 
 GAIN, MARGIN = 200.0, 0.02  # MARGIN: above the 1/510 quantisation, below the smallest target amplitude (0.05)

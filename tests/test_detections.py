@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from model import DCONet, DCONetConfig, StageOutput, to_release_state_dict
-from utils.detections import (TABLE_COLUMNS, Detection, DetectionTable, Detector, detect, detect_logits,
-                              draw_detections, mask_image, probability_from_logits, read_table, table_rows,
-                              to_image_pixels, write_mask)
+from utils.detection_table import TABLE_COLUMNS, DetectionTable, read_table, table_rows
+from utils.detections import (Detection, Detector, detect, detect_logits, draw_detections, mask_image,
+                              probability_from_logits, to_image_pixels, write_mask)
 from utils.inference import Geometry, predict, prepare_model
 from utils.components import components
 from utils.imageio import resize_linear

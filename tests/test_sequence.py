@@ -8,7 +8,8 @@ import pytest
 
 from utils.imageio import read_gray, read_mask, to_unit
 from utils.metrics import components
-from utils.synthetic import MAX_TARGET_AREA, _PATCH_RADIUS, make_sequence, ring_around, write_sequence
+from utils.synthetic import MAX_TARGET_AREA, PATCH_RADIUS, ring_around
+from utils.synthetic_sequence import make_sequence, write_sequence
 from utils.video import FrameSource
 
 
@@ -35,7 +36,7 @@ def test_background_is_fixed_and_noise_is_fresh(sequence):
     far = np.ones(first.shape, bool)
     for truth in (truth_first, truth_last):
         for x, y in truth.centroids:                                      # leave out the targets' patches
-            r = _PATCH_RADIUS + 1
+            r = PATCH_RADIUS + 1
             far[max(int(y) - r, 0):int(y) + r + 2, max(int(x) - r, 0):int(x) + r + 2] = False
     difference = (last - first)[far]
     assert sequence.noise_sigma > 0

@@ -1,4 +1,5 @@
-"""utils/synthetic.py: seeded synthetic infrared frames with exact masks, and the demo data set on disk."""
+"""utils/synthetic.py and utils/synthetic_sets.py: seeded synthetic infrared frames with exact masks, and the demo
+data set on disk."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import synthetic
+from utils import synthetic_sets
 from utils.data import SirstDataset
 from utils.imageio import read_gray, read_mask
-from utils.synthetic import (COMPLETE_MARKER, MAX_TARGET_AREA, ensure_demo_dataset, make_sample, ring_around,
-                             write_dataset)
+from utils.synthetic import COMPLETE_MARKER, MAX_TARGET_AREA, make_sample, ring_around
+from utils.synthetic_sets import ensure_demo_dataset, write_dataset
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -111,7 +112,7 @@ def test_interrupted_write_is_not_taken_for_a_complete_set(tmp_path, monkeypatch
             raise KeyboardInterrupt("interrupted")
         return make_sample(rng, size)
 
-    monkeypatch.setattr(synthetic, "make_sample", failing)
+    monkeypatch.setattr(synthetic_sets, "make_sample", failing)
     with pytest.raises(KeyboardInterrupt):
         ensure_demo_dataset(tmp_path, n_trainval=8, n_test=2, size=64)
     assert list(tmp_path.iterdir()) == [], "a partial set was left behind"

@@ -23,7 +23,7 @@ from utils.data import build_datasets
 from utils.losses import soft_iou_loss
 from utils.run import NonFiniteLoss, TrainingError
 from utils.schedule import poly_lr, poly_scheduler
-from utils.synthetic import write_dataset
+from utils.synthetic_sets import write_dataset
 from utils.training import fit, make_loader
 
 

@@ -202,7 +202,7 @@ def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256,
 
     Args:
         data_root, dataset: the data set folder; ``demo`` is written there first if absent
-            (``utils.synthetic.ensure_demo_dataset`` with its default sizes; call it yourself first for others).
+            (``utils.synthetic_sets.ensure_demo_dataset`` with its default sizes; call it yourself first for others).
         base_size: paper-mode side (256).
         augment: flips and transpose for the train set; None: on for ``sirst_aug`` only, as in the release.
         crop_size: random crop of the train set (None: none).
@@ -217,8 +217,8 @@ def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256,
         DatasetError listing every problem of every split, before anything is returned.
     """
     if dataset == "demo" and not (Path(data_root) / dataset).exists():
-        from utils import synthetic
-        synthetic.ensure_demo_dataset(data_root)  # an existing demo set is used as it is, whatever its size
+        from utils import synthetic_sets
+        synthetic_sets.ensure_demo_dataset(data_root)  # an existing demo set is used as it is, whatever its size
     if not (Path(data_root) / dataset).is_dir():
         raise DatasetError(locate_split(data_root, dataset, "trainval").problems[0])
     if augment is None:

@@ -33,7 +33,8 @@ import scipy.io
 from torch import nn
 from tqdm import tqdm
 
-from utils.detections import DetectionTable, detect, draw_detections, to_image_pixels, write_mask
+from utils.detection_table import DetectionTable
+from utils.detections import detect, draw_detections, to_image_pixels, write_mask
 from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, release_image, \
     resize_mask_centres, resize_nearest, to_unit
 from utils.inference import Geometry, Prediction, iter_predictions, to_png

@@ -25,7 +25,7 @@ from utils.run import (NonFiniteLoss, RunLog, format_duration, prepare_run_dir, 
                        save_run_checkpoint, seed_everything, set_rng_state)
 from utils.runtime import resolve_device
 from utils.schedule import poly_scheduler
-from utils.synthetic import ensure_demo_dataset
+from utils.synthetic_sets import ensure_demo_dataset
 
 
 def make_loader(dataset, config: TrainConfig, *, train: bool, epoch: int, info: dist_utils.DistInfo,
