@@ -6,7 +6,7 @@ Images are read as ``cv2.imread(path, 0)`` reads them, the release's call: one g
 colour conversion (alpha ignored), kept in the file's own type (uint8; uint16 for 16-bit files, which the
 release would cut to 8 bits). ``to_unit`` brings them to float32 in [0, 1].
 
-The release's geometry (DCONET.md section 9), used wherever the release's pipeline applies (training data
+The release's geometry, used wherever the release's pipeline applies (training data
 resized to the recipe's base size, ``t_models.py`` at the trained size or ``--resize``, the paper protocol):
 
 - ``release_image``: resize the 8-bit image with ``cv2.INTER_LINEAR``, then divide by 255;

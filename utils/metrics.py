@@ -1,14 +1,16 @@
 """Infrared small-target scores: mIoU, nIoU, Prec/Recall/F1, Pd/Fa and ROC/AUC under explicit rules.
 
 IRSTD papers disagree on what Pd and Fa mean, so every rule is a field of ``MetricConfig`` and two presets
-name the protocols of DCONET.md section 7:
+name the two protocols this project scores with:
 
 - ``PRESETS["paper"]`` reproduces the numbers the DCONet release prints, quirks included: maps resized to
-  256x256, segmentation on sigmoid(T) / its image max > 0.5, detection on T > 0, centroids matched closer than
-  2 px, Fa over 512*512 pixels per image, unmatched components whose area equals a matched one's not counted,
-  ROC on the max-normalised probability with images without targets left out.
-- ``PRESETS["standard"]`` is the rule set most IRSTD toolkits use: native size, sigmoid(T) > 0.5 for everything,
-  centroids closer than 3 px, Fa = unmatched predicted pixels / all pixels.
+  256x256 (bilinear), masks with cv2.INTER_NEAREST, target pixels those at the mask's maximum, segmentation on
+  sigmoid(T) / its image max > 0.5, detection on T > 0, centroids matched closer than 2 px, Fa over 512*512
+  pixels per image, unmatched components whose area equals a matched one's not counted, ROC on the
+  max-normalised probability with images without targets left out.
+- ``PRESETS["standard"]`` is the rule set most IRSTD toolkits use: native size (a mask of another size resized at
+  pixel centres), target pixels the mask's non-zero ones, sigmoid(T) > 0.5 for everything, centroids closer than
+  3 px, Fa = unmatched predicted pixels / all pixels.
 
 Usage, in a validation loop or a scoring script (one image at a time, or a batch of tensors)::
 

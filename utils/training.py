@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,6 +21,7 @@ from model import DCONet, load_checkpoint, optimize_for_inference
 from utils import distributed as dist_utils
 from utils.config import DEMO_DATA, TrainConfig
 from utils.data import build_datasets
+from utils.splits import DatasetWarning
 from utils.engine import NonFiniteLossError, autocast_context, evaluate, predict_logits, train_one_epoch
 from utils.run import (NonFiniteLoss, RunLog, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
@@ -76,9 +78,14 @@ class Trainer:
         if config.dataset == "demo" and self.info.is_main:
             ensure_demo_dataset(config.data_root, **DEMO_DATA)
         dist_utils.barrier(self.info)
-        self.data = build_datasets(config.data_root, config.dataset, base_size=config.base_size,
-                                   augment=config.augment_enabled(), crop_size=config.crop_size or None,
-                                   val_split=config.val_split, seed=config.seed)
+        with warnings.catch_warnings(record=True) as caught:     # tolerated data problems go to the log
+            warnings.simplefilter("always", DatasetWarning)
+            self.data = build_datasets(config.data_root, config.dataset, base_size=config.base_size,
+                                       augment=config.augment_enabled(), crop_size=config.crop_size or None,
+                                       val_split=config.val_split, seed=config.seed)
+        self.notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+        for other in (w for w in caught if not issubclass(w.category, DatasetWarning)):
+            warnings.warn(other.message, other.category)
         self.iters_per_epoch = len(make_loader(self.data.train, config, train=True, epoch=0, info=self.info,
                                                device=self.device))
         self.total_iterations = config.epochs * self.iters_per_epoch
@@ -190,6 +197,8 @@ class Trainer:
             self.log(f"resumed after epoch {p['epoch']} (iteration {p['global_step']})")
         else:
             self.log("start: " + json.dumps(config.to_dict()))
+        for note in self.notes:
+            self.log(f"note: {note}")
         bar = tqdm(total=self.total_iterations, initial=p["global_step"], unit="it", dynamic_ncols=True,
                    disable=None if self.info.is_main else True)     # None: a bar on terminals only
         clock = {"t0": time.perf_counter(), "step0": p["global_step"]}
