@@ -387,3 +387,19 @@ def test_nuaa_sirst_test_split_reads_including_misc_111():
     item = native[native.stems.index("Misc_111")]
     assert item["image"].shape == item["mask"].shape == (1, 220, 325) and item["size"].tolist() == [220, 325]
     assert item["mask"].sum() > 0
+
+
+def test_centre_resampling_keeps_small_targets_aligned_with_the_image(tmp_path):
+    """mask_resampling="centres" (this project's option) samples masks at pixel centres; "release" is
+    cv2.INTER_NEAREST (floor(i * in / out)). Shrinking 4x: rows/columns 2, 6, 10, ... against 0, 4, 8, ..."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10, 14] = 255                                        # kept by centres (row 10 = 2 + 4 * 2)
+    mask[0, 0] = 255                                          # kept by release only
+    _write(tmp_path / "set" / "test" / "images" / "a.png", np.full((64, 64), 50, np.uint8))
+    _write(tmp_path / "set" / "test" / "masks" / "a.png", mask)
+    centres = SirstDataset.from_folder(tmp_path, "set", "test", base_size=16, mask_resampling="centres")[0]
+    release = SirstDataset.from_folder(tmp_path, "set", "test", base_size=16)[0]
+    assert torch.nonzero(centres["mask"][0]).tolist() == [[2, 3]]
+    assert torch.nonzero(release["mask"][0]).tolist() == [[0, 0]]
+    with pytest.raises(ValueError, match="mask_resampling"):
+        SirstDataset.from_folder(tmp_path, "set", "test", mask_resampling="linear")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from model import DCONetConfig
 from utils.cpu_memory import MODES
+from utils.data import MASK_RESAMPLING
 from utils.runtime import RUNTIME_HELP, RuntimeOptions
 
 AUGMENT_MODES = ("auto", "on", "off")
@@ -49,6 +50,10 @@ class TrainConfig:
     base_size: int = _setting(256, "images resized to base_size x base_size as the release does (8-bit image "
                                    "INTER_LINEAR then /255; mask INTER_NEAREST, labels mask/max)")
     crop_size: int = _setting(0, "> 0: train on random crops of this size (after the resize)")
+    mask_resampling: str = _setting("release", "how masks are resized to base_size: release (cv2.INTER_NEAREST, "
+                                               "as the release; small targets' labels shift by up to half a pixel "
+                                               "against the image) or centres (nearest at pixel centres, aligned "
+                                               "with the image; this project's option)", MASK_RESAMPLING)
     augment: str = _setting("auto", "random flips and transpose: auto (sirst_aug only, as the release), on, off",
                             AUGMENT_MODES)
     model: DCONetConfig = field(default_factory=DCONetConfig)
@@ -75,6 +80,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.augment not in AUGMENT_MODES:
             raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
+        if self.mask_resampling not in MASK_RESAMPLING:
+            raise ValueError(f"mask_resampling must be one of {', '.join(MASK_RESAMPLING)}, "
+                             f"got {self.mask_resampling!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
         for name in ("epochs", "batch_size", "base_size"):

@@ -31,6 +31,7 @@ from utils.splits import (DatasetError, DatasetWarning, Pair, SplitFiles, locate
                           split_train_val, validate_split)
 
 MODES = ("paper", "native")
+MASK_RESAMPLING = ("release", "centres")   # how paper mode resizes masks, see SirstDataset
 AUTO_CACHE_BYTES = 1 << 30    # build_datasets caches decoded sets up to this size when cache=None
 
 
@@ -69,13 +70,20 @@ class SirstDataset(Dataset):
             rejected in native mode; True: resize the mask (nearest) and report it; False: reject.
         cache: decode every file once, at construction, and keep the prepared arrays in memory.
         validate: check all files at construction (one ``DatasetError`` listing every problem).
+        mask_resampling: how paper mode resizes masks. ``"release"``: cv2.INTER_NEAREST, as the release (source
+            pixel floor(i * in / out): a small target's labels move by up to half an output pixel toward the
+            top-left of the bilinearly resized image); ``"centres"``: nearest at pixel centres, aligned with the
+            image (this project's option).
     """
 
     def __init__(self, files: SplitFiles, *, mode: str = "paper", base_size: int = 256, augment: bool = False,
                  crop_size: int | None = None, seed: int = 1, allow_mask_resize: bool | None = None,
-                 cache: bool = False, validate: bool = True):
+                 cache: bool = False, validate: bool = True, mask_resampling: str = "release"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mask_resampling not in MASK_RESAMPLING:
+            raise ValueError(f"mask_resampling must be one of {MASK_RESAMPLING}, got {mask_resampling!r}")
+        self.mask_resampling = mask_resampling
         if base_size < 1 or (crop_size is not None and crop_size < 1):
             raise ValueError(f"base_size and crop_size must be positive, got {base_size}, {crop_size}")
         self.files = files
@@ -132,7 +140,8 @@ class SirstDataset(Dataset):
         size = image.shape
         if self.mode == "paper":
             out = (self.base_size, self.base_size)
-            return release_image(image, out), soft_labels(resize_nearest(mask, out)), size
+            resize = resize_nearest if self.mask_resampling == "release" else resize_mask_centres
+            return release_image(image, out), soft_labels(resize(mask, out)), size
         return to_unit(image), soft_labels(resize_mask_centres(mask, image.shape)), size
 
     def _load(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
@@ -197,7 +206,7 @@ def _estimated_bytes(n: int, base_size: int) -> int:
 def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256, augment: bool | None = None,
                    crop_size: int | None = None, val_split: float = 0.0, seed: int = 1,
                    cache: bool | None = None, allow_mask_resize: bool | None = None,
-                   mode: str = "paper") -> DataSplits:
+                   mode: str = "paper", mask_resampling: str = "release") -> DataSplits:
     """Build and check the train, val and test sets of ``<data_root>/<dataset>``.
 
     Args:
@@ -212,6 +221,7 @@ def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256,
         cache: keep decoded, resized images in memory; None: when the whole set needs under 1 GiB.
         allow_mask_resize: size-mismatch policy, see ``SirstDataset`` (None: tolerated in paper mode).
         mode: geometry of all three sets, ``"paper"`` or ``"native"``.
+        mask_resampling: how paper mode resizes the masks of all three sets, see ``SirstDataset``.
 
     Raises:
         DatasetError listing every problem of every split, before anything is returned.
@@ -227,7 +237,8 @@ def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256,
     test = locate_split(data_root, dataset, "test")
     if cache is None:
         cache = _estimated_bytes(len(trainval) + len(test), base_size) <= AUTO_CACHE_BYTES
-    common = dict(mode=mode, base_size=base_size, seed=seed, allow_mask_resize=allow_mask_resize, cache=cache)
+    common = dict(mode=mode, base_size=base_size, seed=seed, allow_mask_resize=allow_mask_resize, cache=cache,
+                  mask_resampling=mask_resampling)
 
     errors: list[str] = []
 

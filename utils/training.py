@@ -82,7 +82,8 @@ class Trainer:
             warnings.simplefilter("always", DatasetWarning)
             self.data = build_datasets(config.data_root, config.dataset, base_size=config.base_size,
                                        augment=config.augment_enabled(), crop_size=config.crop_size or None,
-                                       val_split=config.val_split, seed=config.seed)
+                                       val_split=config.val_split, seed=config.seed,
+                                       mask_resampling=config.mask_resampling)
         self.notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
         for other in (w for w in caught if not issubclass(w.category, DatasetWarning)):
             warnings.warn(other.message, other.category)
