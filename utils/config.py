@@ -124,8 +124,9 @@ class TrainConfig:
 
 
 # Settings that may differ between a run and its resumption; every other one must stay as it was.
-RUNTIME_FIELDS = frozenset({"device", "bf16", "compile", "cpu_malloc", "workers", "vis_images", "resume", "overwrite",
-                            "amp", "memory_format", "checkpointing", "save_iter_step", "log_every", "data_root", "out"})
+RUNTIME_FIELDS = frozenset({"device", "bf16", "compile", "cpu_malloc", "tf32", "workers", "vis_images", "resume",
+                            "overwrite", "amp", "memory_format", "checkpointing", "save_iter_step", "log_every",
+                            "data_root", "out"})
 
 MODEL_HELP = {"stage_num": "K, the number of stages",
               "channels": "width of the BSGU cell and the reconstruction network"}
