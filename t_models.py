@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({summary.per_second:.2f} {unit[:-3]}/s); "
           f"{summary.detections} target(s) in " + ", ".join(str(p) for p in summary.files)
           + (f"; {summary.panels} panel(s) in {out / 'vis'}" if args.visualize else ""))
-    if summary.skipped:
-        print(f"error: {len(summary.skipped)} {unit} could not be read and were skipped (listed above)",
+    if summary.unread:
+        print(f"error: {summary.unread} {unit} could not be read and were skipped (the first listed above)",
               file=sys.stderr)
         return 1
     return 0

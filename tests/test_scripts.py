@@ -57,3 +57,19 @@ def test_a_tolerated_data_problem_is_a_note_in_the_log_not_a_stray_warning(tmp_p
     assert "DatasetWarning" not in printed.err and "return " not in printed.err
     notes = [line for line in (out / "log.txt").read_text().splitlines() if " note: " in line]
     assert len(notes) == 1 and "00004.png" in notes[0] and "size mismatch tolerated" in notes[0]
+
+
+def test_every_unreadable_image_is_counted(tmp_path, capsys):
+    """The first few reasons are listed, every unreadable image is counted, and the exit status is 1."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "ok.png"), np.full((32, 32), 90, np.uint8))
+    for i in range(7):
+        (folder / f"broken{i}.png").write_bytes(b"not an image")
+    torch.manual_seed(0)
+    weights = save_checkpoint(tmp_path / "w.pt", DCONet(DCONetConfig(stage_num=1)), meta={"base_size": 32})
+    code = t_models.main(["--input", str(folder), "--weights", str(weights), "--out", str(tmp_path / "out"),
+                          "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: 7 image(s) could not be read" in err and err.count("skipped: ") == 5
+    assert (tmp_path / "out" / "mat" / "ok.mat").is_file()

@@ -89,9 +89,11 @@ class ExportOptions:
 
 @dataclass
 class ExportSummary:
-    """What an export did: images or frames written, those skipped (with the reason), targets found, seconds."""
+    """What an export did: images or frames written, how many could not be read (``unread``; the first few
+    reasons in ``skipped``), targets found, seconds."""
 
     written: int = 0
+    unread: int = 0
     skipped: list[str] = field(default_factory=list)
     detections: int = 0
     panels: int = 0
@@ -204,9 +206,7 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
         while reported < len(source.summary.errors):
             _skipped(source.summary.errors[reported])
             reported += 1
-        missing = source.summary.failed - len(summary.skipped)
-        if missing > 0:                 # beyond the errors listed one by one
-            summary.skipped.append(f"{missing} more frame(s) that could not be decoded")
+        summary.unread = source.summary.failed
 
     def _skipped(error: str) -> None:
         if options.strict:
