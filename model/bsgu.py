@@ -128,9 +128,9 @@ class BSGU(nn.Module):
                 c_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(T_new, c) from the stage's D, B, T (each (N, 1, H, W)) and the previous cell state (N, C, H, W)."""
         x = D - B + T                                              # (N, 1, H, W)
-        c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
         if self.deployed:
-            return self._forward_deployed(x, c0)
+            return self._forward_deployed(x, c_prev)
+        c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
         if self.fast_kernels:
             return self._forward_fast_kernels(x, c0)
         x1 = self.conv_x(x)                                        # (N, 1, H, W) -> (N, C, H, W)
@@ -179,7 +179,7 @@ class BSGU(nn.Module):
             self.to(torch.bfloat16)
         self.deployed = True
 
-    def _forward_deployed(self, x: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_deployed(self, x: torch.Tensor, c_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """forward in bands of rows: each band's gate tensor goes through the gating arithmetic while it is in
         cache, so the full-resolution 4C-channel gate tensor is never formed. x stays float32; the gates run in
         the dtype of the weights."""
@@ -188,6 +188,7 @@ class BSGU(nn.Module):
         n, _, H, W = x.shape
         top, bottom, left, right = gate_border(xd, self.conv_x.weight, self.conv_x.bias, self.gates.weight,
                                                self.gates.bias)
+        c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
         layout = torch.channels_last if self.nhwc else torch.contiguous_format
         c = torch.empty(n, C, H, W, dtype=xd.dtype, device=x.device, memory_format=layout)
         h = torch.empty_like(c)

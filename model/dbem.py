@@ -46,7 +46,7 @@ class AxialDepthwise(nn.Module):
         return weight, self.conv_h.bias + self.conv_w.bias
 
     def as_conv(self) -> nn.Conv2d:
-        """A as one depthwise convolution (a new module without gradients)."""
+        """A as one depthwise convolution, without gradients (the deploy form's own once switched)."""
         if self.deployed:
             return self.cross
         with torch.no_grad():
@@ -140,7 +140,8 @@ class DecoderBlock(nn.Module):
             low = conv1x1(x, self.proj_low)                       # (N, Cout, H/2, W/2)
             x = conv1x1(skip, self.proj_skip)                     # (N, Cout, H, W)
             x += F.interpolate(low, scale_factor=2.0, mode="nearest")             # BN(conv1x1(cat[up2(x), skip]))
-            return F.gelu(conv1x1(self.axial(x), self.proj_out))
+            x = self.axial(x)                                     # A(.)
+            return F.gelu(conv1x1(x, self.proj_out))
         if self.fast_kernels:
             weight = self.proj_in.weight                          # (Cout, Cin + Cout, 1, 1), cat order [x, skip]
             low = F.conv2d(x, weight[:, :self.in_channels])      # (N, Cout, H/2, W/2)
@@ -300,7 +301,7 @@ class DBEM(nn.Module):
         self.deployed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_kernels:
+        if self.fast_kernels and not self.deployed:
             x = conv_from_one(x, self.conv_in.weight, self.conv_in.bias, self.nhwc)
         else:
             x = self.conv_in(x)                                  # (N, 1, H, W) -> (N, 16, H, W)

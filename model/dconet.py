@@ -41,9 +41,9 @@ class DCONetStage(nn.Module):
 
     def forward(self, D: torch.Tensor, T: torch.Tensor,
                 c: torch.Tensor | None) -> tuple[StageOutput, torch.Tensor]:
-        B = self.dbem(D - T)
-        T, c = self.bsgu(D, B, T, c)
-        D = self.reconstruction(B + T)
+        B = self.dbem(D - T)                     # background, (N, 1, H, W)
+        T, c = self.bsgu(D, B, T, c)             # target layer (logits), cell state (N, C, H, W)
+        D = self.reconstruction(B + T)           # reconstruction, (N, 1, H, W)
         return StageOutput(B, T, D), c
 
 
@@ -174,9 +174,9 @@ class DCONet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_stages: bool = False):
         self.check_input(x)
-        D = x
-        T = torch.zeros_like(x)
-        c = None
+        D = x                                    # (N, 1, H, W)
+        T = torch.zeros_like(x)                  # T0 = 0
+        c = None                                 # the cell state starts empty
         stages: list[StageOutput] = []
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.stages) - 1

@@ -21,8 +21,8 @@ from .dconet import DCONet, StageOutput
 from .reconstruction import Reconstruction
 
 # bf16=True runs these blocks in bfloat16 (the reconstruction's first convolution excepted, see
-# ``Reconstruction.reparameterize``). The DBEM in bfloat16 would add several times more error (its output B
-# enters T = D - B + ... directly) for no speed to speak of; benchmarks/README.md has the measured errors.
+# ``Reconstruction.reparameterize``). The DBEM stays float32: its output B enters T = D - B + ... directly, so
+# its rounding would add several times more error (benchmarks/README.md), for no speed to speak of.
 BF16_BLOCKS = (BSGU, Reconstruction)
 BF16_T_RTOL = 0.02          # the bound the tests hold bf16=True to: max |dT| < BF16_T_RTOL * max |T|
 
@@ -94,7 +94,6 @@ def optimize_for_inference(model: DCONet, bf16: bool = False, channels_last: boo
     if sub_batch is not None and sub_batch < 1:
         raise ValueError(f"sub_batch must be a positive number of images or None, got {sub_batch}")
     deployed = copy.deepcopy(model).eval().requires_grad_(False)
-    deployed.set_checkpointing(False)
     _reparameterize(deployed, bool(bf16))
     deployed.set_channels_last(channels_last)
     return FastDCONet(deployed, sub_batch=sub_batch, compile=compile).eval()

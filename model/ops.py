@@ -245,15 +245,13 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d | None = None,
-                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> nn.Conv2d:
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d | None = None) -> nn.Conv2d:
     """A new convolution, shaped as ``conv``, that computes eval-mode ``norm(conv(x))`` (``conv(x)`` without norm).
 
-    ``weight`` and ``bias`` replace conv's own (e.g. a kernel merged from several branches). The arithmetic runs
-    in float64 and the result is rounded once to float32; the new convolution has no gradients."""
-    weight = (conv.weight if weight is None else weight).double()
-    bias = conv.bias if bias is None else bias
-    bias = bias.double() if bias is not None else weight.new_zeros(weight.shape[0])
+    The arithmetic runs in float64 and the result is rounded once to float32; the new convolution has no
+    gradients."""
+    weight = conv.weight.double()
+    bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
     if norm is not None:
         scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
         weight = weight * scale.view(-1, 1, 1, 1)
