@@ -7,7 +7,7 @@ one banded 5x5 convolution, ...; see the blocks). ``optimize_for_inference`` dee
 eval mode, walks its modules calling that method, sets the layout, and wraps the copy so that a batch runs in
 sub-batches without autograd. The copy's own stage loop (``DCONet.forward``) runs; there is no second network.
 
-In float32 the outputs equal the model's to rounding (about 1e-6, tests/test_fast.py).
+In float32 the outputs equal the model's to rounding (a few 1e-6 of their scale; tests/test_fast.py).
 """
 from __future__ import annotations
 
