@@ -38,8 +38,11 @@ RELEASE_GFLOP = {"infer": 49.36, "train": 170.85}
 # Per stage, counted the same way on the release's formulation: stage 1, and each later stage (conv_c added).
 STAGE_GFLOP = {"infer": (8.860, 10.068), "train": (31.169, 34.895)}
 
+# Every variant but "paper" runs the model with its speed kernels on (DCONet.set_fast_kernels(True), as run_0.py
+# trains); "paper" runs the forward as the paper's equations read, to show what the kernels save.
 INFER_VARIANTS = {
-    "plain": "DCONet.eval() under no_grad, float32, NCHW",
+    "paper": "DCONet.eval() under no_grad, float32, NCHW, speed kernels off",
+    "plain": "DCONet.eval().set_fast_kernels(True) under no_grad, float32, NCHW",
     "plain-cl": "DCONet.set_channels_last(True)",
     "plain-bf16": "DCONet under torch.autocast(bfloat16)",
     "fast": "optimize_for_inference(model): folded, channels_last, one image at a time on CPU",
@@ -50,7 +53,8 @@ INFER_VARIANTS = {
     "fast-bf16-compile": "optimize_for_inference(model, bf16=True, compile=True)",
 }
 TRAIN_VARIANTS = {
-    "plain": "DCONet.train(), float32, NCHW; Adam step, SoftIoU + 0.1 MSE",
+    "paper": "DCONet.train(), float32, NCHW, speed kernels off; Adam step, SoftIoU + 0.1 MSE",
+    "plain": "DCONet.train().set_fast_kernels(True), float32, NCHW; Adam step, SoftIoU + 0.1 MSE",
     "cl": "set_channels_last(True)",
     "ckpt": "set_checkpointing(True)",
     "cl-ckpt": "set_channels_last(True) and set_checkpointing(True)",
@@ -94,7 +98,8 @@ def plan(quick: bool, devices: list[str]) -> list[dict]:
                     add(device, "infer", variant, batch)
         for batch in (2, 8):
             for variant in TRAIN_VARIANTS:
-                add(device, "train", variant, batch, reps=2 if batch == 8 else None)
+                if variant != "paper" or batch == 2:
+                    add(device, "train", variant, batch, reps=2 if batch == 8 else None)
         for size in (256, 512, 1024):
             for variant in ("plain", "fast", "fast-bf16"):
                 add(device, "infer", variant, 1, size=size, group="size")
@@ -131,11 +136,11 @@ def _build(case: dict):
 
     sys.path.insert(0, str(REPO))
     from model import DCONet, DCONetConfig
-    from model.fast import optimize_for_inference
+    from model import optimize_for_inference
 
     device = torch.device(case["device"])
     torch.manual_seed(0)
-    model = DCONet(DCONetConfig(stage_num=case["stages"])).to(device)
+    model = DCONet(DCONetConfig(stage_num=case["stages"])).to(device).set_fast_kernels(case["variant"] != "paper")
     x = torch.rand(case["batch"], 1, case["size"], case["size"], device=device)
     variant = case["variant"]
     bf16 = "bf16" in variant
@@ -277,8 +282,13 @@ def table_row(case: dict, result: dict, d: dict) -> str:
 
 
 def main() -> None:
+    variants = "\n".join(f"  {kind} {name:<18} {text}" for kind, table in (("infer", INFER_VARIANTS),
+                                                                         ("train", TRAIN_VARIANTS))
+                          for name, text in table.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="variants (the model's speed kernels are on in all but 'paper', as in "
+                                            "training):\n" + variants)
     parser.add_argument("--quick", action="store_true", help="headline rows only, fewer repetitions")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU, and CUDA when present (default)")

@@ -3,7 +3,8 @@ from .checkpoint import (CheckpointError, from_release_state_dict, load_checkpoi
                          save_checkpoint, to_release_state_dict)
 from .config import DCONetConfig
 from .dconet import DCONet, StageOutput
-from .fast import optimize_for_inference
+from .fast import is_deployed, optimize_for_inference
 
 __all__ = ["DCONet", "DCONetConfig", "StageOutput", "CheckpointError", "from_release_state_dict",
-           "to_release_state_dict", "load_checkpoint", "load_model", "save_checkpoint", "optimize_for_inference"]
+           "to_release_state_dict", "load_checkpoint", "load_model", "save_checkpoint", "optimize_for_inference",
+           "is_deployed"]

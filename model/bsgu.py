@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import add_to_border, conv_from_one, conv_to_one
+from .ops import add_to_border, conv_from_one, conv_to_one, conv_to_one_float, conv_with
 
-GATES = ("forget", "input", "output", "cell")  # order of the four gate blocks inside ``BSGU.gates``
+BAND_BYTES = 4 << 20   # deploy form on the CPU: rows per band of the gates chosen so that a band holds about this much
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -65,18 +65,22 @@ def gate_preactivations(x: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wg:
 
 
 class BSGU(nn.Module):
-    """One stage's target update.
+    """One stage's target update, a gated, ConvLSTM-like cell (DCONET.md section 4).
 
     x = D - B + T;  x1 = conv_x(x)
-    f, i, o = sigmoid(conv_f(x1)), sigmoid(conv_i(x1)), sigmoid(conv_o(x1));  g = tanh(cell_state(x1))
-    c = f * c0 + i * g   with c0 = conv_c's bias in the first stage, conv_c2(c_prev) later
+    f, i, o = sigmoid(conv_f(x1)), sigmoid(conv_i(x1)), sigmoid(conv_o(x1));  g = tanh(conv_g(x1))
+    c = f * c0 + i * g   with c0 = cell_bias in the first stage, conv_c(c_prev) later
     T_new = x - conv_out(o * tanh(c) * eps)
 
-    The four gate convolutions run as one convolution with 4 * channels outputs (blocks in ``GATES`` order).
-    conv_x feeds nothing but the gates, and both are linear, so gates(conv_x(x)) runs as one 5x5 convolution
-    of the one-channel x (``compose_gate_kernel``): 4C * 25 multiply-adds per pixel instead of 4C * C * 9. Only on the
-    image's outermost ring of pixels does the result differ (there the gates see conv_x's zero padding); those
-    four one-pixel strips are computed the two-convolution way (``gate_border``).
+    (Release names: conv_g is cell_state; cell_bias is conv_c's bias, conv_c applied to zeros; conv_c is conv_c2.)
+
+    The same function computed faster, used with the fast kernels on (``DCONet.set_fast_kernels``) and in the
+    deploy form (``reparameterize``): conv_x feeds nothing but the gates, and both are linear, so the four
+    gates(conv_x(x)) run as one 5x5 convolution of the one-channel x (``compose_gate_kernel``): 4C * 25
+    multiply-adds per pixel instead of 4C * C * 9. Only on the image's outermost ring of pixels does the result
+    differ (there the gates see conv_x's zero padding); those four one-pixel strips are computed the
+    two-convolution way (``gate_border``). tanh(u) = 2 sigmoid(2u) - 1: with the cell candidate's rows doubled,
+    one sigmoid serves all four gates (sigmoid is several times cheaper than tanh on CPUs).
 
     Args:
         channels: width of the cell state (32 in the release).
@@ -92,46 +96,116 @@ class BSGU(nn.Module):
         if first_stage:
             self.cell_bias = nn.Parameter(torch.zeros(channels))   # conv_c applied to zeros: its bias alone
         else:
-            self.conv_c = _conv3x3(channels, channels)
-        self.gates = _conv3x3(channels, 4 * channels)
+            self.conv_c = _conv3x3(channels, channels)             # the release's conv_c2
+        self.conv_f = _conv3x3(channels, channels)                 # forget gate
+        self.conv_i = _conv3x3(channels, channels)                 # input gate
+        self.conv_o = _conv3x3(channels, channels)                 # output gate
+        self.conv_g = _conv3x3(channels, channels)                 # cell candidate (the release's cell_state)
         self.conv_out = _conv3x3(channels, 1)
-        self.nhwc = False     # write the gates in (N, H, W, C) layout (channels_last)
+        self.fast_kernels = False
+        self.nhwc = False      # write the gates in (N, H, W, C) layout (channels_last)
+        self.deployed = False
 
     def reset_parameters(self) -> None:
-        """The release's initialisation: xavier-normal weights (each gate on its own), zero biases, eps = 0.01."""
-        for conv in [self.conv_x, self.conv_out] + ([] if self.first_stage else [self.conv_c]):
+        """The release's initialisation: xavier-normal weights, zero biases, eps = 0.01."""
+        convs = [self.conv_x, self.conv_f, self.conv_i, self.conv_o, self.conv_g, self.conv_out]
+        for conv in convs + ([] if self.first_stage else [self.conv_c]):
             nn.init.xavier_normal_(conv.weight)
             nn.init.zeros_(conv.bias)
-        with torch.no_grad():
-            for block in self.gates.weight.view(len(GATES), self.channels, *self.gates.weight.shape[1:]):
-                nn.init.xavier_normal_(block)
-        nn.init.zeros_(self.gates.bias)
         nn.init.constant_(self.epsilon, 0.01)
         if self.first_stage:
             nn.init.zeros_(self.cell_bias)
 
-    def gate_preactivations(self, x: torch.Tensor, cell_scale: float = 1.0) -> torch.Tensor:
-        """gates(conv_x(x)) for x (N, 1, H, W), H, W >= 3: (N, 4C, H, W), the cell block times ``cell_scale``."""
-        wg, bg = self.gates.weight, self.gates.bias
-        if cell_scale != 1.0:
-            scale = torch.ones(len(GATES), 1, device=wg.device, dtype=wg.dtype)
-            scale[GATES.index("cell")] = cell_scale
-            scale = scale.expand(-1, self.channels).reshape(-1)            # (4C,)
-            wg, bg = wg * scale.view(-1, 1, 1, 1), bg * scale
-        return gate_preactivations(x, self.conv_x.weight, self.conv_x.bias, wg, bg, nhwc=self.nhwc)
+    def cell_input(self, c_prev: torch.Tensor | None) -> torch.Tensor:
+        """c0: cell_bias (1, C, 1, 1) in the first stage, conv_c(c_prev) (N, C, H, W) later."""
+        if self.first_stage:
+            return self.cell_bias.view(1, -1, 1, 1)
+        if c_prev is None:
+            raise ValueError("a BSGU after the first stage needs the previous stage's cell state")
+        return self.conv_c(c_prev)
 
     def forward(self, D: torch.Tensor, B: torch.Tensor, T: torch.Tensor,
                 c_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T_new, c) from the stage's D, B, T (each (N, 1, H, W)) and the previous cell state (N, C, H, W)."""
         x = D - B + T                                              # (N, 1, H, W)
-        # tanh(u) = 2 sigmoid(2u) - 1: doubling the cell rows lets one sigmoid serve all four gates
-        f, i, o, s = torch.sigmoid(self.gate_preactivations(x, cell_scale=2.0)).chunk(len(GATES), dim=1)
-        if self.first_stage:
-            c0 = self.cell_bias.view(1, -1, 1, 1)
-        else:
-            if c_prev is None:
-                raise ValueError("a BSGU after the first stage needs the previous stage's cell state")
-            c0 = self.conv_c(c_prev)
-        c = torch.addcmul(torch.addcmul(-i, i, s, value=2.0), f, c0)    # f * c0 + i * tanh(g), tanh(g) = 2 s - 1
-        h = o * torch.tanh(c)                                          # (N, C, H, W)
+        if self.deployed:
+            return self._forward_deployed(x, c_prev)
+        c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
+        if self.fast_kernels:
+            return self._forward_fast_kernels(x, c0)
+        x1 = self.conv_x(x)                                        # (N, 1, H, W) -> (N, C, H, W)
+        f = torch.sigmoid(self.conv_f(x1))                         # forget gate, (N, C, H, W)
+        i = torch.sigmoid(self.conv_i(x1))                         # input gate
+        o = torch.sigmoid(self.conv_o(x1))                         # output gate
+        g = torch.tanh(self.conv_g(x1))                            # cell candidate
+        c = f * c0 + i * g                                         # cell state, (N, C, H, W)
+        h = o * torch.tanh(c) * self.epsilon.view(1, -1, 1, 1)     # (N, C, H, W), eps per channel
+        return x - self.conv_out(h), c                             # T_new (N, 1, H, W), c
+
+    def _stacked_gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The four gate convolutions as one: weight (4C, C, 3, 3), bias (4C,), blocks forget, input, output, cell
+        candidate, the last block doubled so that sigmoid of it gives tanh(u) = 2 sigmoid(2u) - 1."""
+        weight = torch.cat([self.conv_f.weight, self.conv_i.weight, self.conv_o.weight, 2.0 * self.conv_g.weight])
+        bias = torch.cat([self.conv_f.bias, self.conv_i.bias, self.conv_o.bias, 2.0 * self.conv_g.bias])
+        return weight, bias
+
+    def _forward_fast_kernels(self, x: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward with the composed 5x5 gate convolution and the hand-written one-channel convolutions."""
+        wg, bg = self._stacked_gates()                             # (4C, C, 3, 3), (4C,)
+        z = gate_preactivations(x, self.conv_x.weight, self.conv_x.bias, wg, bg, nhwc=self.nhwc)   # (N, 4C, H, W)
+        f, i, o, s = torch.sigmoid(z).chunk(4, dim=1)              # s = sigmoid(2 conv_g(x1))
+        c = torch.addcmul(torch.addcmul(-i, i, s, value=2.0), f, c0)    # f * c0 + i * g, g = 2 s - 1
+        h = o * torch.tanh(c)                                      # (N, C, H, W)
         weight = self.conv_out.weight * self.epsilon.view(1, -1, 1, 1)  # conv_out(h * eps)
         return x - conv_to_one(h, weight, self.conv_out.bias), c
+
+    @torch.no_grad()
+    def reparameterize(self, bf16: bool = False) -> None:
+        """Switch to the deploy form (eval, no autograd): the composed 5x5 gate convolution run in cache-sized
+        bands of rows with the border ring corrected, tanh through sigmoid, eps (and the 1/2 of that tanh)
+        folded into conv_out; ``bf16`` stores the weights, and so computes the gates, in bfloat16."""
+        if self.deployed:
+            return
+        wg, bg = self._stacked_gates()                             # (4C, C, 3, 3), cell rows doubled
+        self.gates = conv_with(self.conv_f, wg, bg)               # for the border ring
+        w5, b5 = compose_gate_kernel(self.conv_x.weight.double(), self.conv_x.bias.double(), wg.double(),
+                                     bg.double())
+        self.gates5 = conv_with(nn.Conv2d(1, 4 * self.channels, 5, padding=2), w5, b5)
+        # o * tanh(c) * eps = (o * (sigmoid(2c) - 1/2)) * 2 eps
+        self.conv_out = conv_with(self.conv_out, self.conv_out.weight * (2.0 * self.epsilon).view(1, -1, 1, 1),
+                                  self.conv_out.bias)
+        del self.conv_f, self.conv_i, self.conv_o, self.conv_g, self.epsilon
+        if bf16:
+            self.to(torch.bfloat16)
+        self.deployed = True
+
+    def _forward_deployed(self, x: torch.Tensor, c_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward in bands of rows: each band's gate tensor goes through the gating arithmetic while it is in
+        cache, so the full-resolution 4C-channel gate tensor is never formed. x stays float32; the gates run in
+        the dtype of the weights."""
+        C = self.channels
+        xd = x.to(self.gates5.weight.dtype)
+        n, _, H, W = x.shape
+        top, bottom, left, right = gate_border(xd, self.conv_x.weight, self.conv_x.bias, self.gates.weight,
+                                               self.gates.bias)
+        c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
+        layout = torch.channels_last if self.nhwc else torch.contiguous_format
+        c = torch.empty(n, C, H, W, dtype=xd.dtype, device=x.device, memory_format=layout)
+        h = torch.empty_like(c)
+        rows = H if x.device.type != "cpu" else max(1, BAND_BYTES // (4 * C * W * xd.element_size() * n))
+        xp = F.pad(xd, (0, 0, 2, 2))                               # the 5x5's zero rows
+        w5, b5 = self.gates5.weight, self.gates5.bias
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            z = F.conv2d(xp[:, :, r0:r1 + 4], w5, b5, padding=(0, 2))             # (N, 4C, r, W)
+            if r0 == 0:
+                z[:, :, :1] = top                                  # the exact border ring
+            if r1 == H:
+                z[:, :, -1:] = bottom
+            z[:, :, :, :1], z[:, :, :, -1:] = left[:, :, r0:r1], right[:, :, r0:r1]
+            f, i, o, s = z.sigmoid_().split(C, dim=1)              # s = sigmoid(2 g)
+            cb, hb = c[:, :, r0:r1], h[:, :, r0:r1]
+            torch.mul(f, c0 if self.first_stage else c0[:, :, r0:r1], out=cb)    # f * c0
+            cb.addcmul_(i, s.sub_(0.5), value=2.0)                 # + i * g, g = 2 (s - 1/2)
+            torch.mul(cb, 2.0, out=hb).sigmoid_().sub_(0.5).mul_(o)               # o * tanh(c) / 2
+        return x - conv_to_one_float(h, self.conv_out.weight, self.conv_out.bias), c   # x - conv_out(o tanh(c) eps)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .bsgu import GATES
 from .config import DCONetConfig
 from .dconet import DCONet
 
 FORMAT_NAME = "dconet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the BSGU's four gate convolutions as four modules (format 1 held them as one)
 
 # Our name (the part after "stages.<k>.") -> the release's name (the part after "decos.<k>."), first match wins.
 _RENAMES: list[tuple[str, object]] = [
@@ -44,30 +43,26 @@ _RENAMES: list[tuple[str, object]] = [
     (r"bsgu\.epsilon$", lambda m: "sparse.epsilon_per_channel"),
     (r"bsgu\.cell_bias$", lambda m: "sparse.conv_c.bias"),
     (r"bsgu\.conv_c\.", lambda m: "sparse.conv_c2."),
-    (r"bsgu\.conv_(x|out)\.", lambda m: f"sparse.conv_{m[1]}."),
+    (r"bsgu\.conv_(x|f|i|o|out)\.", lambda m: f"sparse.conv_{m[1]}."),
+    (r"bsgu\.conv_g\.", lambda m: "sparse.cell_state."),
     (r"reconstruction\.body\.", lambda m: "merge.mapping."),
 ]
-# The fused gate convolution holds four release convolutions, one block of rows each, in ``GATES`` order.
-_GATE_NAMES = {"forget": "conv_f", "input": "conv_i", "output": "conv_o", "cell": "cell_state"}
 
 
 class CheckpointError(ValueError):
     """A weights file or state_dict that does not fit DCONet, or that may not be loaded safely."""
 
 
-def _release_entries(our_key: str) -> list[tuple[str, int | None]]:
-    """Release names for one of our state_dict keys, with the gate block index for the fused gates."""
+def _release_name(our_key: str) -> str:
+    """The release's name for one of our state_dict keys."""
     m = re.match(r"stages\.(\d+)\.(.+)$", our_key)
     if not m:
         raise KeyError(f"not a DCONet parameter name: {our_key}")
     stage, rest = m[1], m[2]
-    gate = re.match(r"bsgu\.gates\.(weight|bias)$", rest)
-    if gate:
-        return [(f"decos.{stage}.sparse.{_GATE_NAMES[name]}.{gate[1]}", i) for i, name in enumerate(GATES)]
     for pattern, replace in _RENAMES:
         r = re.match(pattern, rest)
         if r:
-            return [(f"decos.{stage}." + replace(r) + rest[r.end():], None)]
+            return f"decos.{stage}." + replace(r) + rest[r.end():]
     raise KeyError(f"no release name known for {our_key}")
 
 
@@ -150,24 +145,11 @@ def from_release_state_dict(state_dict: Mapping[str, torch.Tensor], source: str 
     conv_x = state_dict.get("decos.0.sparse.conv_x.weight")
     channels = int(conv_x.shape[0]) if isinstance(conv_x, torch.Tensor) else DCONetConfig.channels
     model = DCONet(DCONetConfig(stage_num=stage_num, channels=channels))
-    ours = model.state_dict()
-
-    expected: dict[str, torch.Size] = {}
-    for key, tensor in ours.items():
-        for release_key, block in _release_entries(key):
-            shape = list(tensor.shape)
-            if block is not None:
-                shape[0] //= len(GATES)
-            expected[release_key] = torch.Size(shape)
+    names = {key: _release_name(key) for key in model.state_dict()}
     dead = {k for stage in range(stage_num) for k in _dead_release_shapes(stage, channels)}
-    _check_fit(expected, state_dict, source, ignorable=dead)
-
-    converted = {}
-    for key in ours:
-        entries = _release_entries(key)
-        parts = [state_dict[release_key] for release_key, _ in entries]
-        converted[key] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    model.load_state_dict(converted, strict=True)
+    _check_fit({names[key]: tensor.shape for key, tensor in model.state_dict().items()}, state_dict, source,
+               ignorable=dead)
+    model.load_state_dict({key: state_dict[name] for key, name in names.items()}, strict=True)
     return model
 
 
@@ -175,33 +157,22 @@ def to_release_state_dict(model: DCONet) -> dict[str, torch.Tensor]:
     """The exact inverse of ``from_release_state_dict``: the release's key layout, dead weights as zeros."""
     model = getattr(model, "module", model)       # unwrap DistributedDataParallel
     model = getattr(model, "_orig_mod", model)    # unwrap torch.compile
-    ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for stage in range(model.config.stage_num):
         for key, shape in _dead_release_shapes(stage, model.config.channels).items():
             dtype = torch.long if key.endswith("num_batches_tracked") else torch.float32
             out[key] = torch.zeros(shape, dtype=dtype)
-    for key, tensor in ours.items():
-        entries = _release_entries(key)
-        blocks = tensor.chunk(len(entries), dim=0) if len(entries) > 1 else (tensor,)
-        for (release_key, _), block in zip(entries, blocks):
-            out[release_key] = block.detach().clone().cpu()
+    for key, tensor in model.state_dict().items():
+        out[_release_name(key)] = tensor.detach().clone().cpu()
     return dict(sorted(out.items(), key=lambda kv: _release_sort_key(kv[0])))
 
 
 def release_gradients(model: DCONet) -> dict[str, torch.Tensor]:
-    """The gradients of ``model``'s parameters after a backward pass, keyed by the release's parameter names
-    (a fused parameter's gradient split as its weight is); parameters without a gradient are left out."""
+    """The gradients of ``model``'s parameters after a backward pass, keyed by the release's parameter names;
+    parameters without a gradient are left out."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
-    grads: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        entries = _release_entries(name)
-        blocks = param.grad.chunk(len(entries), dim=0) if len(entries) > 1 else (param.grad,)
-        grads.update({release_key: block for (release_key, _), block in zip(entries, blocks)})
-    return grads
+    return {_release_name(name): param.grad for name, param in model.named_parameters() if param.grad is not None}
 
 
 def _release_sort_key(key: str) -> tuple:
@@ -271,18 +242,82 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not _is_project_payload(payload):
         raise CheckpointError(f"{path}: not a checkpoint of this project's format (no 'format': "
                               f"'{FORMAT_NAME}' entry); for an authors' best.pkl use load_model()")
-    _check_version(payload, path)
-    return payload
+    return _in_current_format(payload, path)
 
 
 def _is_project_payload(payload) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT_NAME
 
 
-def _check_version(payload: dict, path) -> None:
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+def _in_current_format(payload: dict, path) -> dict:
+    """The payload with its weights (and any optimizer state in it) in this version's layout."""
+    version = payload.get("format_version", 0)
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer version of this project (format "
                               f"{payload['format_version']}, this code reads up to {FORMAT_VERSION}); update the code")
+    if version < 2:
+        payload = _from_format_1(payload)
+    return payload
+
+
+# Format 1 held the BSGU's four gate convolutions as one, "bsgu.gates", their weights and biases stacked in
+# this order along the output channels.
+_FORMAT_1_GATES = ("conv_f", "conv_i", "conv_o", "conv_g")
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _format_2_keys(key: str) -> list[str]:
+    """The keys that a format-1 state_dict key became in format 2 (one, or four for a fused gate tensor)."""
+    m = re.match(r"(.*bsgu\.)gates\.(weight|bias)$", key)
+    return [f"{m[1]}{gate}.{m[2]}" for gate in _FORMAT_1_GATES] if m else [key]
+
+
+def _split(value, parts: int):
+    """A tensor of a fused gate parameter cut into its ``parts`` blocks; anything else repeated."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and parts > 1:
+        return [block.clone() for block in value.chunk(parts)]
+    return [value] * parts
+
+
+def _from_format_1(payload: dict) -> dict:
+    """Format 1 -> 2: the fused gate parameters split into the four gate convolutions, in the weights and in every
+    optimizer state_dict found in the payload (its per-parameter state is indexed by parameter position)."""
+    model = payload["model"]
+    blocks = {new: block for key, tensor in model.items()
+              for new, block in zip(_format_2_keys(key), _split(tensor, len(_format_2_keys(key))))}
+    order = []                                      # the keys in the order of a format-2 state_dict
+    for key in model:
+        m = re.match(r"(.*bsgu\.)gates\.(weight|bias)$", key)
+        if m is None:
+            order.append(key)
+        elif m[2] == "weight":                      # each gate's weight and bias together, gate by gate
+            order += [f"{m[1]}{gate}.{field}" for gate in _FORMAT_1_GATES for field in ("weight", "bias")]
+    index = {key: i for i, key in enumerate(k for k in order if not k.endswith(_BUFFERS))}   # parameter positions
+    params = [key for key in model if not key.endswith(_BUFFERS)]        # format 1's order of model.parameters()
+    positions = [[index[new] for new in _format_2_keys(key)] for key in params]
+
+    def optimizer(state: dict) -> dict:
+        per_param = {}
+        for old, entry in state["state"].items():
+            new = positions[int(old)]
+            values = {name: _split(value, len(new)) for name, value in entry.items()}
+            per_param.update({p: {name: v[j] for name, v in values.items()} for j, p in enumerate(new)})
+        groups = [{**group, "params": sorted(p for old in group["params"] for p in positions[old])}
+                  for group in state["param_groups"]]                   # listed in the order of the parameters
+        return {**state, "state": per_param, "param_groups": groups}
+
+    def convert(value):
+        if isinstance(value, dict):
+            if {"state", "param_groups"} <= set(value) and \
+                    sum(len(g["params"]) for g in value["param_groups"]) == len(params):
+                return optimizer(value)
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(convert(v) for v in value)
+        return value
+
+    upgraded = {key: convert(value) for key, value in payload.items() if key != "model"}
+    return {**upgraded, "model": {key: blocks[key] for key in order}, "format_version": 2}
 
 
 def model_from_payload(payload: dict, source: str) -> DCONet:
@@ -304,7 +339,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     payload = read_weights_file(path, map_location)
     source = str(path)
     if _is_project_payload(payload):
-        _check_version(payload, path)
+        payload = _in_current_format(payload, path)
         model = model_from_payload(payload, source)
         info = {"kind": "project", "meta": payload.get("meta", {}),
                 "train_config": payload.get("train_config") or payload.get("train_state", {}).get("config")}

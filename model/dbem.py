@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import conv_from_one
+from .ops import conv1x1, conv_from_one, conv_with, fold_batchnorm, max_pool2x2
 
 WIDTHS = (16, 32, 64, 128, 256, 512)  # conv_in width, then the output width of each of the five encoder blocks
 MDCR_RATES = (2, 8, 12, 18)
@@ -21,10 +21,11 @@ MDCR_RATES = (2, 8, 12, 18)
 class AxialDepthwise(nn.Module):
     """A(x) = x + dwconv(7x1)(x) + dwconv(1x7)(x): direction-aware depthwise mixing along H and along W.
 
-    The identity and both depthwise convolutions are one linear map: without autograd it runs as a single
-    depthwise convolution whose 7x7 kernel is a cross (the 7x1 taps in the centre column, the 1x7 taps in the
-    centre row, plus 1 at the centre), one pass over the activation instead of four. With autograd it runs as
-    written, because the backward pass of a 7x7 depthwise convolution is several times slower than two 7-tap ones.
+    The identity and both depthwise convolutions are one linear map: a single depthwise convolution whose 7x7
+    kernel is a cross (the 7x1 taps in the centre column, the 1x7 taps in the centre row, plus 1 at the centre),
+    one pass over the activation instead of four (``as_conv``). ``reparameterize()`` switches the block to it;
+    with the fast kernels on (``DCONet.set_fast_kernels``) it also runs so whenever no gradient is needed (its
+    backward pass is several times slower than that of the two 7-tap convolutions).
     """
 
     def __init__(self, channels: int, kernel: int = 7):
@@ -33,36 +34,71 @@ class AxialDepthwise(nn.Module):
             raise ValueError(f"the axial kernel must be odd ('same' padding), got {kernel}")
         self.conv_h = nn.Conv2d(channels, channels, (kernel, 1), padding="same", groups=channels)
         self.conv_w = nn.Conv2d(channels, channels, (1, kernel), padding="same", groups=channels)
-        identity = torch.zeros(1, 1, kernel, kernel)
-        identity[..., kernel // 2, kernel // 2] = 1.0
-        self.register_buffer("identity", identity, persistent=False)
+        self.fast_kernels = False
+        self.deployed = False
 
     def cross_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (C, 1, k, k), bias (C,)) of the single depthwise convolution equal to A."""
         r = self.conv_h.kernel_size[0] // 2
         weight = (F.pad(self.conv_h.weight, (r, r, 0, 0))      # (C, 1, k, 1) -> (C, 1, k, k), centre column
-                  + F.pad(self.conv_w.weight, (0, 0, r, r))    # (C, 1, 1, k) -> (C, 1, k, k), centre row
-                  + self.identity.to(self.conv_h.weight.dtype))
+                  + F.pad(self.conv_w.weight, (0, 0, r, r)))   # (C, 1, 1, k) -> (C, 1, k, k), centre row
+        weight[..., r, r] += 1.0                                # x itself: 1 at the centre
         return weight, self.conv_h.bias + self.conv_w.bias
 
+    def as_conv(self) -> nn.Conv2d:
+        """A as one depthwise convolution, without gradients (the deploy form's own once switched)."""
+        if self.deployed:
+            return self.cross
+        with torch.no_grad():
+            weight, bias = self.cross_kernel()
+        c, k = weight.shape[0], weight.shape[-1]
+        return conv_with(nn.Conv2d(c, c, k, padding=k // 2, groups=c, device=weight.device), weight, bias)
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form: A as one depthwise 7x7 convolution."""
+        if self.deployed:
+            return
+        self.cross = self.as_conv()
+        del self.conv_h, self.conv_w
+        self.deployed = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.conv_h.weight.requires_grad):
-            return x + self.conv_h(x) + self.conv_w(x)
-        weight, bias = self.cross_kernel()
-        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=weight.shape[-1] // 2,
-                        groups=x.shape[1])
+        if self.deployed:
+            return self.cross(x)
+        if self.fast_kernels and not (torch.is_grad_enabled()
+                                      and (x.requires_grad or self.conv_h.weight.requires_grad)):
+            weight, bias = self.cross_kernel()
+            return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=weight.shape[-1] // 2,
+                            groups=x.shape[1])
+        return x + self.conv_h(x) + self.conv_w(x)                # (N, C, H, W)
 
 
 class EncoderBlock(nn.Module):
-    """skip = BN(A(x)); x = GELU(maxpool2x2(conv1x1(skip))). Returns (x, skip)."""
+    """skip = BN(A(x)); x = GELU(maxpool2x2(conv1x1(skip))). Returns (x, skip).
+
+    Deploy form (``reparameterize``): BN(A(.)) as one depthwise 7x7 convolution; in channels_last layout the
+    1x1 convolution is a single matrix product.
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.axial = AxialDepthwise(in_channels)
         self.norm = nn.BatchNorm2d(in_channels)
         self.proj = nn.Conv2d(in_channels, out_channels, 1)
+        self.deployed = False
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form (eval mode): the BatchNorm folded into the axial block's single convolution."""
+        if self.deployed:
+            return
+        self.axial_norm = fold_batchnorm(self.axial.as_conv(), self.norm)     # BN(A(x))
+        del self.axial, self.norm
+        self.deployed = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.deployed:
+            skip = self.axial_norm(x)                             # BN(A(x)), (N, Cin, H, W)
+            return F.gelu(max_pool2x2(conv1x1(skip, self.proj))), skip
         skip = self.norm(self.axial(x))                           # (N, Cin, H, W)
         x = F.gelu(F.max_pool2d(self.proj(skip), 2))              # (N, Cout, H/2, W/2)
         return x, skip
@@ -73,7 +109,9 @@ class DecoderBlock(nn.Module):
 
     The first conv1x1 is pointwise, so on the concatenation it equals conv1x1 of the skip plus the nearest
     upsampling of conv1x1 of the low-resolution input (the weight's two column blocks): the wide input is mixed
-    at a quarter of the pixels and neither the wide upsampled tensor nor the concatenation is ever formed.
+    at a quarter of the pixels and neither the wide upsampled tensor nor the concatenation is formed. The fast
+    kernels (``DCONet.set_fast_kernels``) and the deploy form (``reparameterize``, which also folds the BN into
+    those two blocks) compute it so.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -83,13 +121,36 @@ class DecoderBlock(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels)
         self.axial = AxialDepthwise(out_channels)
         self.proj_out = nn.Conv2d(out_channels, out_channels, 1)
+        self.fast_kernels = False
+        self.deployed = False
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form (eval mode): BN(conv1x1(.)) split into the weight's two column blocks."""
+        if self.deployed:
+            return
+        folded = fold_batchnorm(self.proj_in, self.norm)           # (Cout, Cin + Cout, 1, 1), cat order [x, skip]
+        self.proj_low = conv_with(folded, folded.weight[:, :self.in_channels], None)
+        self.proj_skip = conv_with(folded, folded.weight[:, self.in_channels:], folded.bias)
+        self.axial.reparameterize()
+        del self.proj_in, self.norm
+        self.deployed = True
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        weight = self.proj_in.weight                              # (Cout, Cin + Cout, 1, 1), cat order [x, skip]
-        low = F.conv2d(x, weight[:, :self.in_channels])          # (N, Cout, H/2, W/2)
-        x = F.conv2d(skip, weight[:, self.in_channels:], self.proj_in.bias)       # (N, Cout, H, W)
-        x = x + F.interpolate(low, scale_factor=2.0, mode="nearest")
-        return F.gelu(self.proj_out(self.axial(self.norm(x))))
+        if self.deployed:
+            low = conv1x1(x, self.proj_low)                       # (N, Cout, H/2, W/2)
+            x = conv1x1(skip, self.proj_skip)                     # (N, Cout, H, W)
+            x += F.interpolate(low, scale_factor=2.0, mode="nearest")             # BN(conv1x1(cat[up2(x), skip]))
+            x = self.axial(x)                                     # A(.)
+            return F.gelu(conv1x1(x, self.proj_out))
+        if self.fast_kernels:
+            weight = self.proj_in.weight                          # (Cout, Cin + Cout, 1, 1), cat order [x, skip]
+            low = F.conv2d(x, weight[:, :self.in_channels])      # (N, Cout, H/2, W/2)
+            x = F.conv2d(skip, weight[:, self.in_channels:], self.proj_in.bias)   # (N, Cout, H, W)
+            x = x + F.interpolate(low, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")               # (N, Cin, H, W)
+            x = self.proj_in(torch.cat([x, skip], dim=1))                         # (N, Cin + Cout, H, W) -> Cout
+        return F.gelu(self.proj_out(self.axial(self.norm(x))))   # (N, Cout, H, W)
 
 
 class ConvNormReLU(nn.Sequential):
@@ -101,6 +162,15 @@ class ConvNormReLU(nn.Sequential):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel, padding=padding, dilation=dilation, groups=groups)
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
+        self.deployed = False
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form (eval mode): conv -> ReLU, the BatchNorm folded into the conv."""
+        if self.deployed:
+            return
+        self.conv = fold_batchnorm(self.conv, self.norm)
+        del self.norm
+        self.deployed = True
 
 
 class MDCR(nn.Module):
@@ -125,11 +195,26 @@ class MDCR(nn.Module):
             ConvNormReLU(quarter, quarter, 3, dilation=r, groups=quarter) for r in rates)
         self.mix = ConvNormReLU(len(rates), len(rates), 1)  # shared across the `quarter` channel groups
         self.out = ConvNormReLU(channels, channels, 1)
+        self.deployed = False
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form (eval mode): every BatchNorm folded into its convolution, the shared block
+        stored as the one grouped convolution it runs as."""
+        if self.deployed:
+            return
+        for block in (*self.branches, self.mix, self.out):
+            block.reparameterize()
+        conv, g = self.mix.conv, self.groups
+        self.mix_groups = conv_with(nn.Conv2d(g * conv.in_channels, g * conv.out_channels, 1, groups=g),
+                                    conv.weight.repeat(g, 1, 1, 1), conv.bias.repeat(g))
+        del self.mix
+        self.deployed = True
 
     def _mix_groups(self, x: torch.Tensor) -> torch.Tensor:
         """The shared 4->4 block applied to each group of four interleaved channels. x: (N, 4*G, H, W)."""
-        conv, norm = self.mix.conv, self.mix.norm
-        g = self.groups
+        if self.deployed:
+            return self.mix_groups(x).relu_()
+        conv, norm, g = self.mix.conv, self.mix.norm, self.groups
         x = F.conv2d(x, conv.weight.repeat(g, 1, 1, 1), conv.bias.repeat(g), groups=g)
         if self.training or not norm.track_running_stats:
             # One BN channel per (group, channel) pair = the batch statistics of that group's own call.
@@ -192,7 +277,9 @@ class SOA(nn.Module):
 class DBEM(nn.Module):
     """Direction-aware background estimation: B = U(D - T), U a five-level U-Net.
 
-    Input and output: (N, 1, H, W) with H and W multiples of 32.
+    Input and output: (N, 1, H, W) with H and W multiples of 32. With the fast kernels on, conv_in (one input
+    channel) has its backward pass computed as matrix products (``model.ops.conv_from_one``); in the deploy
+    form conv_out (one output channel) is a matrix product in channels_last layout.
     """
 
     def __init__(self):
@@ -204,15 +291,25 @@ class DBEM(nn.Module):
         self.decoders = nn.ModuleList(
             DecoderBlock(b, a) for a, b in reversed(list(zip(WIDTHS[:-1], WIDTHS[1:]))))
         self.conv_out = nn.Conv2d(WIDTHS[0], 1, 1)
-        self.nhwc = False     # keep activations in (N, H, W, C) layout (channels_last)
+        self.fast_kernels = False
+        self.nhwc = False     # activations in (N, H, W, C) layout (channels_last)
+        self.deployed = False
+
+    def reparameterize(self) -> None:
+        """Switch conv_out to its deploy form, a matrix product in channels_last layout (the blocks inside have
+        their own ``reparameterize``, which ``optimize_for_inference`` calls)."""
+        self.deployed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = conv_from_one(x, self.conv_in.weight, self.conv_in.bias, self.nhwc)   # (N, 16, H, W)
+        if self.fast_kernels and not self.deployed:
+            x = conv_from_one(x, self.conv_in.weight, self.conv_in.bias, self.nhwc)
+        else:
+            x = self.conv_in(x)                                  # (N, 1, H, W) -> (N, 16, H, W)
         skips = []
         for encoder in self.encoders:
-            x, skip = encoder(x)
+            x, skip = encoder(x)                                 # (N, 2C, H/2, W/2), skip (N, C, H, W)
             skips.append(skip)
         x = self.soa(self.mdcr(x))                               # (N, 512, H/32, W/32)
         for decoder, skip in zip(self.decoders, reversed(skips)):
-            x = decoder(x, skip)
-        return self.conv_out(x)                                  # (N, 1, H, W)
+            x = decoder(x, skip)                                 # (N, C/2, 2H, 2W)
+        return conv1x1(x, self.conv_out) if self.deployed else self.conv_out(x)   # (N, 16, H, W) -> (N, 1, H, W)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .bsgu import BSGU
 from .config import DCONetConfig
 from .dbem import DBEM
+from .ops import nhwc_weight
 from .reconstruction import Reconstruction
 
 SIZE_MULTIPLE = 32  # five 2x2 poolings in the DBEM
@@ -40,9 +41,9 @@ class DCONetStage(nn.Module):
 
     def forward(self, D: torch.Tensor, T: torch.Tensor,
                 c: torch.Tensor | None) -> tuple[StageOutput, torch.Tensor]:
-        B = self.dbem(D - T)
-        T, c = self.bsgu(D, B, T, c)
-        D = self.reconstruction(B + T)
+        B = self.dbem(D - T)                     # background, (N, 1, H, W)
+        T, c = self.bsgu(D, B, T, c)             # target layer (logits), cell state (N, C, H, W)
+        D = self.reconstruction(B + T)           # reconstruction, (N, 1, H, W)
         return StageOutput(B, T, D), c
 
 
@@ -92,10 +93,19 @@ class DCONet(nn.Module):
     (D, T): the last stage's reconstruction and target logits (sigmoid(T) > 0.5 is a target pixel).
     ``forward(x, return_stages=True)`` returns (D, T, stages) with one ``StageOutput`` per stage.
 
-    ``set_checkpointing(True)`` trades time for memory in training: each stage but the last keeps only its
-    inputs for the backward pass and runs again there (one more forward pass of K - 1 stages; activation
-    memory of about one stage instead of K).
-    Outputs, gradients and BatchNorm running statistics are those of the plain forward.
+    Three switches change how the forward computes, not what (each returns the model):
+
+    - ``set_fast_kernels(True)``: speed kernels, chiefly for training: the BSGU's gates as one composed 5x5
+      convolution, the one-channel convolutions' backward passes as matrix products (``model.ops``), the
+      decoders' first 1x1 convolution applied before upsampling, the axial blocks as one depthwise convolution
+      when no gradient is needed. Off by default, so that the forward runs as the paper's equations read.
+    - ``set_channels_last(True)``: weights and activations in (N, H, W, C) layout.
+    - ``set_checkpointing(True)`` trades time for memory in training: each stage but the last keeps only its
+      inputs for the backward pass and runs again there (one more forward pass of K - 1 stages; activation
+      memory of about one stage instead of K). Outputs, gradients and BatchNorm running statistics are those
+      of the plain forward.
+
+    For inference, ``model.optimize_for_inference`` switches a copy to its blocks' deploy forms.
     """
 
     def __init__(self, config: DCONetConfig | None = None):
@@ -111,12 +121,27 @@ class DCONet(nn.Module):
         self.checkpointing = bool(enabled)
         return self
 
+    def set_fast_kernels(self, enabled: bool = True) -> "DCONet":
+        """Compute the forward (and its backward pass) with the blocks' speed kernels: the same outputs to float
+        rounding, several times less time in the one-channel convolutions and the BSGU's gates."""
+        for module in self.modules():
+            if hasattr(module, "fast_kernels"):
+                module.fast_kernels = bool(enabled)
+        return self
+
     def set_channels_last(self, enabled: bool = True) -> "DCONet":
         """Keep weights and activations in (N, H, W, C) layout, oneDNN's and cuDNN's native one (same results)."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-        for module in self.modules():
-            if hasattr(module, "nhwc"):
-                module.nhwc = bool(enabled)
+        with torch.no_grad():
+            for module in self.modules():
+                if hasattr(module, "nhwc"):
+                    module.nhwc = bool(enabled)
+                # With one input channel a weight (C, 1, k, k) has the same strides in both layouts as far as
+                # ``.to`` can tell, so it is stored (C, k, k, 1) explicitly: oneDNN then writes the output NHWC.
+                if isinstance(module, nn.Conv2d) and module.in_channels == 1:
+                    weight = module.weight.data
+                    module.weight.data = nhwc_weight(weight) if enabled else weight.clone(
+                        memory_format=torch.contiguous_format)
         return self
 
     def reset_parameters(self) -> None:
@@ -149,9 +174,9 @@ class DCONet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_stages: bool = False):
         self.check_input(x)
-        D = x
-        T = torch.zeros_like(x)
-        c = None
+        D = x                                    # (N, 1, H, W)
+        T = torch.zeros_like(x)                  # T0 = 0
+        c = None                                 # the cell state starts empty
         stages: list[StageOutput] = []
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.stages) - 1

@@ -1,16 +1,19 @@
-"""Convolution shapes that general-purpose kernels run far below the machine's speed, computed another way.
+"""Speed kernels shared by the blocks' fast forms, and the weight algebra of their deploy forms.
 
 DCONet works on one-channel images: several of its convolutions read one channel (C_in = 1) or write one
 (C_out = 1) at full resolution. oneDNN runs the backward passes of both, and the forward pass of C_out = 1, at
 a few GFLOP/s. Here those become matrix products over the k*k shifted copies of the one-channel plane, which
 run at matrix speed. Each function computes what ``F.conv2d`` computes (stride 1, 'same' zero padding), in
 NCHW or NHWC layout, to float rounding; the backward passes are written out so that no full-size temporary
-is made per tap.
+is made per tap. The autograd functions serve training when the model's fast kernels are on
+(``DCONet.set_fast_kernels``); the no-autograd helpers (``conv_to_one_float``, ``conv1x1``, ``max_pool2x2``)
+and ``fold_batchnorm`` serve the deploy forms (the blocks' ``reparameterize`` methods).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def is_nhwc(x: torch.Tensor) -> bool:
@@ -218,3 +221,53 @@ def add_to_border(z: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, left
                   right: torch.Tensor) -> torch.Tensor:
     """z += strips on its border ring, in place; see ``_AddToBorder``."""
     return _AddToBorder.apply(z, top, bottom, left, right)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deploy forms (no autograd)
+# ----------------------------------------------------------------------------------------------------------
+
+def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 convolution; in channels_last layout one (N*H*W, Cin) @ (Cin, Cout) matrix product."""
+    if not is_nhwc(x):
+        return conv(x)
+    n, cin, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, cin)                    # (N, Cin, H, W) -> (N*H*W, Cin), a view
+    weight = conv.weight.view(conv.out_channels, cin).t()             # (Cin, Cout)
+    y = torch.mm(rows, weight) if conv.bias is None else torch.addmm(conv.bias, rows, weight)
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2)                    # (N*H*W, Cout) -> (N, Cout, H, W), NHWC
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """max_pool2d(x, 2) as the maximum of the four phases (the same values, NaN included)."""
+    return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
+                         torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d | None = None) -> nn.Conv2d:
+    """A new convolution, shaped as ``conv``, that computes eval-mode ``norm(conv(x))`` (``conv(x)`` without norm).
+
+    The arithmetic runs in float64 and the result is rounded once to float32; the new convolution has no
+    gradients."""
+    weight = conv.weight.double()
+    bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+    if norm is not None:
+        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        weight = weight * scale.view(-1, 1, 1, 1)
+        bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
+    return conv_with(conv, weight, bias)
+
+
+@torch.no_grad()
+def conv_with(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """An nn.Conv2d with conv's stride, padding, dilation and groups holding ``weight`` and ``bias`` as float32
+    (shapes may differ from conv's in the channel counts), without gradients."""
+    out_channels, in_per_group = weight.shape[:2]
+    new = nn.Conv2d(in_per_group * conv.groups, out_channels, tuple(weight.shape[2:]), stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=bias is not None,
+                    device=weight.device)
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
+    return new.requires_grad_(False)

@@ -1,12 +1,18 @@
-"""Shared test helpers: paths into ../shared, skipped with a reason when it is absent."""
+"""Shared test helpers: paths into ../shared (skipped with a reason when it is absent), the reference vectors and
+their tolerances, and a model without trivial parameters."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# Tolerances for this project against ../shared/reference/dconet_k2_seed0.pt (its README): eval-mode D and T,
+# train-mode D and T, BatchNorm running statistics (absolute), gradients (relative norm of the difference).
+EVAL_ATOL, TRAIN_ATOL, STATS_ATOL, GRAD_RTOL = 1e-4, 1e-4, 1e-5, 2e-2
 
 
 def shared_path(*parts: str) -> Path:
@@ -15,3 +21,30 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (reference data lives beside the repository, in ../shared)")
     return path
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    """The release's outputs, running statistics and gradients for a K = 2 model (../shared/reference)."""
+    return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)
+
+
+def reference_loss(D: torch.Tensor, T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The loss the reference gradients were taken of."""
+    return torch.sigmoid(T).mean() + 0.1 * ((D - x) ** 2).mean()
+
+
+def perturbed_model(stage_num: int, seed: int = 0):
+    """A DCONet with no trivially zero or one parameter and non-trivial BatchNorm running statistics."""
+    from model import DCONet, DCONetConfig
+
+    torch.manual_seed(seed)
+    model = DCONet(DCONetConfig(stage_num=stage_num))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import reference_loss, shared_path
 from model import (CheckpointError, DCONet, DCONetConfig, from_release_state_dict, load_checkpoint, load_model,
                    save_checkpoint, to_release_state_dict)
 from model.checkpoint import _dead_release_shapes
 
 
 @pytest.fixture(scope="module")
-def release_state():
-    return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)["state_dict"]
+def release_state(reference):
+    return reference["state_dict"]
 
 
 def _small_model(seed: int = 0, stage_num: int = 2) -> DCONet:
@@ -55,6 +55,17 @@ def test_module_prefix_and_stage_count_are_handled():
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x)[1], loaded.eval()(x)[1])
+
+
+def test_release_pipeline_weights_load_and_round_trip():
+    path = shared_path("reference", "pipeline_nuaa", "weights_release.pkl")
+    model, info = load_model(path)
+    assert info["kind"] == "release" and model.config.stage_num == 3
+    state = torch.load(path, weights_only=True)
+    back = to_release_state_dict(model)
+    assert set(back) == set(state)
+    for key, tensor in state.items():
+        assert torch.equal(back[key], tensor), key       # dead weights are zeros in this file, as written back
 
 
 def test_release_without_dead_weights_loads():
@@ -140,3 +151,62 @@ def test_unreadable_and_foreign_files_are_named(tmp_path):
         load_model(tmp_path / "other.pkl")
     with pytest.raises(CheckpointError, match="not a checkpoint of this project's format"):
         load_checkpoint(tmp_path / "other.pkl")
+
+
+def _as_format_1(state: dict, optimizer_state: dict) -> tuple[dict, dict]:
+    """A model and optimizer state_dict as format 1 held them: each BSGU's four gate convolutions as one,
+    "bsgu.gates", their blocks stacked in the order forget, input, output, cell candidate."""
+    gates = ("conv_f", "conv_i", "conv_o", "conv_g")
+    params = [k for k in state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    fused, fused_params, sources = {}, [], []          # sources: format-1 parameter -> format-2 positions
+    for key, tensor in state.items():
+        if ".bsgu.conv_" in key and key.split(".")[-2] in gates:
+            if key.split(".")[-2] != "conv_f":
+                continue
+            parts = [key.replace(".conv_f.", f".{gate}.") for gate in gates]
+            key = key.replace(".conv_f.", ".gates.")
+            tensor = torch.cat([state[p] for p in parts])
+        else:
+            parts = [key]
+        fused[key] = tensor
+        if key.split(".")[-1] in ("weight", "bias", "epsilon", "cell_bias"):
+            fused_params.append(key)
+            sources.append([params.index(p) for p in parts])
+    per_param = {}
+    for old, new in enumerate(sources):
+        entries = [optimizer_state["state"][i] for i in new]
+        per_param[old] = {name: torch.cat([e[name] for e in entries]) if value.dim() else value
+                          for name, value in entries[0].items()}
+    groups = [{**group, "params": list(range(len(fused_params)))} for group in optimizer_state["param_groups"]]
+    assert len(fused_params) == len(params) - 6 * len([k for k in state if k.endswith("bsgu.conv_f.weight")])
+    return fused, {"state": per_param, "param_groups": groups}
+
+
+def test_format_1_checkpoints_load(tmp_path):
+    model = _small_model(seed=6).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(2, 1, 32, 32)
+    reference_loss(*model(x), x).backward()
+    optimizer.step()
+    model.eval()
+    weights, optimizer_state = _as_format_1(model.state_dict(), optimizer.state_dict())
+    assert "stages.1.bsgu.gates.weight" in weights and "stages.1.bsgu.conv_i.weight" not in weights
+    torch.save({"format": "dconet", "format_version": 1, "config": model.config.to_dict(), "model": weights,
+                "meta": {"epoch": 1}, "train_state": {"optimizer": optimizer_state}}, tmp_path / "v1.pkl")
+
+    payload = load_checkpoint(tmp_path / "v1.pkl")
+    assert payload["format_version"] == 2 and payload["meta"] == {"epoch": 1}
+    assert list(payload["model"]) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(payload["model"][key], value), key
+    resumed = torch.optim.Adam(_small_model(seed=7).parameters(), lr=1e-3)
+    resumed.load_state_dict(payload["train_state"]["optimizer"])       # each state where its parameter is
+    got, expected = resumed.state_dict()["state"], optimizer.state_dict()["state"]
+    assert sorted(got) == sorted(expected)
+    for i, entry in expected.items():
+        assert got[i].keys() == entry.keys() and all(torch.equal(got[i][k], entry[k]) for k in entry), i
+
+    loaded, info = load_model(tmp_path / "v1.pkl")
+    assert info["kind"] == "project"
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[1], model(x)[1])

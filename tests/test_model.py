@@ -1,4 +1,5 @@
-"""DCONet against the release: reference vectors, shapes, input checks and MDCR's loop semantics."""
+"""DCONet against the release: reference vectors (with and without the fast kernels), shapes, input checks and
+MDCR's loop semantics."""
 from __future__ import annotations
 
 import copy
@@ -6,18 +7,12 @@ import copy
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import EVAL_ATOL, GRAD_RTOL, STATS_ATOL, TRAIN_ATOL, reference_loss
 from model import DCONet, DCONetConfig, from_release_state_dict, to_release_state_dict
 from model.checkpoint import release_gradients
 from model.dbem import MDCR
 
-# Tolerances of ../shared/reference/README.md for this project.
-EVAL_ATOL, TRAIN_ATOL, STATS_ATOL, GRAD_RTOL = 1e-4, 1e-4, 1e-5, 2e-2
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)
+FAST_KERNELS = pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast-kernels"])
 
 
 def test_release_parameter_count():
@@ -28,8 +23,9 @@ def test_release_parameter_count():
     assert sum(p.numel() for p in model.stages[1].parameters()) == 1_931_087
 
 
-def test_eval_outputs_match_reference(reference):
-    model = from_release_state_dict(reference["state_dict"]).eval()
+@FAST_KERNELS
+def test_eval_outputs_match_reference(reference, fast_kernels):
+    model = from_release_state_dict(reference["state_dict"]).eval().set_fast_kernels(fast_kernels)
     assert model.config.stage_num == reference["stage_num"] == 2
     with torch.no_grad():
         D, T = model(reference["input"])
@@ -37,8 +33,9 @@ def test_eval_outputs_match_reference(reference):
     assert (T - reference["eval"]["T"]).abs().max() < EVAL_ATOL
 
 
-def test_training_forward_and_running_stats_match_reference(reference):
-    model = from_release_state_dict(reference["state_dict"]).train()
+@FAST_KERNELS
+def test_training_forward_and_running_stats_match_reference(reference, fast_kernels):
+    model = from_release_state_dict(reference["state_dict"]).train().set_fast_kernels(fast_kernels)
     with torch.no_grad():
         D, T = model(reference["input"])
     assert (D - reference["train"]["D"]).abs().max() < TRAIN_ATOL
@@ -54,11 +51,12 @@ def test_training_forward_and_running_stats_match_reference(reference):
             assert torch.allclose(after[key], expected[key], rtol=0, atol=STATS_ATOL), key
 
 
-def test_gradients_match_reference(reference):
-    model = from_release_state_dict(reference["state_dict"]).train()
+@FAST_KERNELS
+def test_gradients_match_reference(reference, fast_kernels):
+    model = from_release_state_dict(reference["state_dict"]).train().set_fast_kernels(fast_kernels)
     x = reference["input"]
     D, T = model(x)
-    loss = torch.sigmoid(T).mean() + 0.1 * ((D - x) ** 2).mean()
+    loss = reference_loss(D, T, x)
     assert abs(loss.item() - reference["loss"].item()) < 1e-5
     loss.backward()
     grads = release_gradients(model)
@@ -146,12 +144,12 @@ def test_initialisation_follows_the_release():
     model = DCONet(DCONetConfig(stage_num=2))
     first, second = model.stages[0].bsgu, model.stages[1].bsgu
     assert torch.all(first.epsilon == 0.01) and torch.all(first.cell_bias == 0)
-    for conv in (first.conv_x, first.gates, first.conv_out, second.conv_c):
+    gates = (first.conv_f, first.conv_i, first.conv_o, first.conv_g)
+    for conv in (first.conv_x, *gates, first.conv_out, second.conv_c):
         assert torch.all(conv.bias == 0)
-    # each of the four fused gates is initialised as its own 32->32 xavier-normal convolution
-    std = (2.0 / (32 * 9 + 32 * 9)) ** 0.5
-    for block in first.gates.weight.chunk(4, 0):
-        assert abs(block.std().item() - std) < 0.1 * std
+    std = (2.0 / (32 * 9 + 32 * 9)) ** 0.5                             # each gate a 32->32 xavier-normal conv
+    for conv in gates:
+        assert abs(conv.weight.std().item() - std) < 0.1 * std
     norm = model.stages[0].reconstruction.body[1]
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
     conv_in = model.stages[0].dbem.conv_in.weight                       # (16, 1, 7, 7): fan_in 49, fan_out 784
