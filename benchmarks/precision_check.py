@@ -1,7 +1,6 @@
 """What the inference paths change in the scores: the folded float32 module and bf16 against the model itself.
 
-    python benchmarks/precision_check.py --weights Weight/NUAA-SIRST/best.pkl --dataset NUAA-SIRST \
-        --data-root ../shared/data --resize 256
+    python benchmarks/precision_check.py --weights Weight/NUAA-SIRST/best.pkl --dataset NUAA-SIRST --resize 256
 
 Every test image of <data-root>/<dataset>/test is predicted three times with the same weights: the model's own
 float32 forward (``prepare_model(fast=False)``), the folded module (``prepare_model()``, what t_models.py and
@@ -24,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import load_model  # noqa: E402
-from utils.imageio import read_gray, read_mask  # noqa: E402
-from utils.inference import ExportError, Geometry, dataset_images, find_mask, predict, prepare_model  # noqa: E402
+from utils.export import ExportError, dataset_images, find_mask  # noqa: E402
+from utils.imageio import list_images, read_image, read_mask  # noqa: E402
+from utils.inference import Geometry, predict, prepare_model  # noqa: E402
 from utils.metrics import PRESETS, Evaluator  # noqa: E402
 
 PATHS = {"model fp32": dict(fast=False), "fast fp32": dict(fast=True), "fast bf16": dict(fast=True, bf16=True)}
@@ -34,14 +34,15 @@ NEAR = 2.0      # logits |T| < NEAR (sigmoid between 0.12 and 0.88): where a cha
 
 
 def run(args: argparse.Namespace) -> dict:
-    files, mask_dir = dataset_images(args.data_root, args.dataset)
+    folder, mask_dir = dataset_images(args.data_root, args.dataset)
+    files = list_images(folder)
     model, info = load_model(args.weights)
     images = []
     for f in files:
         mask = find_mask(mask_dir, f.stem)
         if mask is None:
             raise ExportError(f"{f}: no mask named {f.stem}.* in {mask_dir}; every test image needs its mask")
-        images.append((f.stem, read_gray(f), read_mask(mask)))
+        images.append((f.stem, read_image(f), read_mask(mask)))
     geometry = Geometry(resize=args.resize, tile=0)
     logits: dict[str, list[np.ndarray]] = {}
     seconds: dict[str, float] = {}

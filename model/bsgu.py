@@ -65,7 +65,7 @@ def gate_preactivations(x: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wg:
 
 
 class BSGU(nn.Module):
-    """One stage's target update, a gated, ConvLSTM-like cell (DCONET.md section 4).
+    """One stage's target update, a gated, ConvLSTM-like cell.
 
     x = D - B + T;  x1 = conv_x(x)
     f, i, o = sigmoid(conv_f(x1)), sigmoid(conv_i(x1)), sigmoid(conv_o(x1));  g = tanh(conv_g(x1))

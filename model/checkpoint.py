@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import DCONetConfig
-from .dconet import DCONet
+from .dconet import DCONet, unwrap
 
 FORMAT_NAME = "dconet"
 FORMAT_VERSION = 2   # 2: the BSGU's four gate convolutions as four modules (format 1 held them as one)
@@ -155,8 +155,7 @@ def from_release_state_dict(state_dict: Mapping[str, torch.Tensor], source: str 
 
 def to_release_state_dict(model: DCONet) -> dict[str, torch.Tensor]:
     """The exact inverse of ``from_release_state_dict``: the release's key layout, dead weights as zeros."""
-    model = getattr(model, "module", model)       # unwrap DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)    # unwrap torch.compile
+    model = unwrap(model)
     out: dict[str, torch.Tensor] = {}
     for stage in range(model.config.stage_num):
         for key, shape in _dead_release_shapes(stage, model.config.channels).items():
@@ -170,8 +169,7 @@ def to_release_state_dict(model: DCONet) -> dict[str, torch.Tensor]:
 def release_gradients(model: DCONet) -> dict[str, torch.Tensor]:
     """The gradients of ``model``'s parameters after a backward pass, keyed by the release's parameter names;
     parameters without a gradient are left out."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     return {_release_name(name): param.grad for name, param in model.named_parameters() if param.grad is not None}
 
 
@@ -210,8 +208,7 @@ def save_checkpoint(path: str | Path, model: DCONet, meta: dict | None = None, *
     training run adds its optimizer, schedule and RNG states). It loads with weights_only=True.
     """
     path = Path(path)
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": dict(meta or {})}
     payload.update(extra)

@@ -83,6 +83,15 @@ def _run_checkpointed(stage: DCONetStage, D: torch.Tensor, T: torch.Tensor,
     return checkpoint(run, D, T, c, use_reentrant=False, preserve_rng_state=False)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (``.module``) and/or torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
 class DCONet(nn.Module):
     """The dual-task collaborative optimization network.
 

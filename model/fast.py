@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .bsgu import BSGU
-from .dconet import DCONet, StageOutput
+from .dconet import DCONet, StageOutput, unwrap
 from .reconstruction import Reconstruction
 
 # bf16=True runs these blocks in bfloat16 (the reconstruction's first convolution excepted, see
@@ -85,8 +85,7 @@ def optimize_for_inference(model: DCONet, bf16: bool = False, channels_last: boo
         compile: ``torch.compile`` the stage loop (the first call of each input shape compiles, for minutes).
         sub_batch: images per chunk of the batch; None: one at a time on the CPU, the whole batch on a GPU.
     """
-    model = getattr(model, "_orig_mod", model)    # unwrap torch.compile
-    model = getattr(model, "module", model)       # unwrap DistributedDataParallel
+    model = unwrap(model)
     if not isinstance(model, DCONet):
         raise TypeError(f"optimize_for_inference expects a DCONet, got {type(model).__name__}")
     if bf16 not in (True, False):

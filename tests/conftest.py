@@ -15,6 +15,16 @@ SHARED = REPO.parent / "shared"
 EVAL_ATOL, TRAIN_ATOL, STATS_ATOL, GRAD_RTOL = 1e-4, 1e-4, 1e-5, 2e-2
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: where other work shares a small CPU, contending OpenMP threads make small
+    forward passes many times slower. The thread count is put back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared; the calling test is skipped when it does not exist (a user's fresh clone)."""
     path = SHARED.joinpath(*parts)

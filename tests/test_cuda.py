@@ -14,16 +14,15 @@ import torch
 
 import cal_from_mask
 import t_models
-from conftest import shared_path
+from conftest import EVAL_ATOL, GRAD_RTOL, TRAIN_ATOL, shared_path
 from model import DCONet, from_release_state_dict, optimize_for_inference
+from model.fast import BF16_T_RTOL
 from model.checkpoint import release_gradients
 from run_0 import main as train_main
 from utils.runtime import RuntimeOptions
 from utils.synthetic_sets import write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch sees no CUDA GPU")
-EVAL_ATOL, TRAIN_ATOL, GRAD_RTOL = 1e-4, 1e-4, 2e-2        # the reference vectors' tolerances
-BF16_T_RTOL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,9 @@ def cuda() -> torch.device:
     return device
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)
-
-
-def test_eval_outputs_match_the_release_on_the_gpu(reference, cuda):
-    model = from_release_state_dict(reference["state_dict"]).to(cuda).eval()
+@pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast-kernels"])
+def test_eval_outputs_match_the_release_on_the_gpu(reference, cuda, fast_kernels):
+    model = from_release_state_dict(reference["state_dict"]).to(cuda).eval().set_fast_kernels(fast_kernels)
     with torch.no_grad():
         D, T = model(reference["input"].to(cuda))
     assert (D.cpu() - reference["eval"]["D"]).abs().max() < EVAL_ATOL
@@ -50,8 +45,9 @@ def test_eval_outputs_match_the_release_on_the_gpu(reference, cuda):
     assert (T3.float() - T).abs().max() < BF16_T_RTOL * T.abs().max()
 
 
-def test_training_forward_and_gradients_match_the_release_on_the_gpu(reference, cuda):
-    model = from_release_state_dict(reference["state_dict"]).to(cuda).train()
+@pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast-kernels"])
+def test_training_forward_and_gradients_match_the_release_on_the_gpu(reference, cuda, fast_kernels):
+    model = from_release_state_dict(reference["state_dict"]).to(cuda).train().set_fast_kernels(fast_kernels)
     x = reference["input"].to(cuda)
     D, T = model(x)
     assert (T.detach().cpu() - reference["train"]["T"]).abs().max() < TRAIN_ATOL

@@ -139,15 +139,6 @@ def test_resized_exports_report_targets_in_the_images_pixels(tmp_path):
             assert all(0 <= r["x0"] < r["x1"] <= 128 and 0 <= r["y0"] < r["y1"] <= 128 for r in found)
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: where other work shares the CPU, contending OpenMP threads make the forwards many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_nuaa_detections_agree_with_the_standard_protocols_pd(tmp_path, capsys, one_thread):
     """detections.csv of a real export holds exactly the predicted targets the standard protocol matches:
     matching its rows to the masks' targets by the protocol's rule gives cal_from_mask.py's Pd count."""

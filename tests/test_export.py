@@ -20,17 +20,9 @@ from utils.inference import Geometry, predict, prepare_model
 from utils.imageio import read_gray
 from utils.visualization import detection_outcome
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 STEMS = ("a", "b", "odd")
 TILE_ATOL = 2e-2   # tiled vs untiled max |dT| for this model, see tests/test_inference.py
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a small shared CPU, two OpenMP threads contending make these tiny forwards 5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

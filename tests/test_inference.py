@@ -11,21 +11,15 @@ from model import DCONet, DCONetConfig, StageOutput
 from model.fast import FastDCONet
 from utils.imageio import release_image
 from utils.inference import (Geometry, iter_predictions, pad_to_multiple, predict, prepare_model,
-                             resolve_device, run_tiled, tile_cuts, tile_starts, to_png)
+                             run_tiled, tile_cuts, tile_starts, to_png)
+from utils.runtime import resolve_device
 
 # Tiled against untiled, max |T difference| (logits) for the one-stage test model on a 160x224 scene with 128 px
 # tiles overlapping by 64 px: 1.04e-2 was measured (2.6e-3 on sigmoid(T)). It cannot reach 1e-4: the DBEM's
 # bottleneck attention mixes all positions and its dilated convolutions see ~600 px, more than any tile.
 TILE_ATOL = 2e-2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a small shared CPU, two OpenMP threads contending make these tiny forwards 5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

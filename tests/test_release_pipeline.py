@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-import torch
 
 import cal_from_mask
 import t_models
 from conftest import SHARED
 from utils.imageio import list_images
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 T_ATOL = 2e-4
 PRINTED_ATOL = {"Fa": 5e-9}          # |ours - printed| for a number printed with 8 decimals
 DEFAULT_PRINTED_ATOL = 5e-7          # and with 6
@@ -39,15 +39,6 @@ def _test_split(stems: set[str]) -> Path:
         if {p.stem for p in list_images(images)} == stems:
             return images.parent
     raise AssertionError(f"no ../shared/data/*/test/images holds exactly the {len(stems)} stems of the case")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: where other work shares the CPU, contending OpenMP threads make the forwards many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", _cases() or [pytest.param(None, marks=pytest.mark.skip(

@@ -22,6 +22,7 @@ from utils.runtime import RUNTIME_HELP, RuntimeOptions
 
 AUGMENT_MODES = ("auto", "on", "off")
 MEMORY_FORMATS = ("contiguous", "channels_last")
+KERNELS = ("fast", "plain")
 # A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
 DEMO_DEFAULTS = {"epochs": 12, "base_size": 64, "stage_num": 2, "lr": 1e-3}
 # The built-in synthetic set that --dataset demo writes and trains on.
@@ -70,6 +71,9 @@ class TrainConfig:
     memory_format: str = _setting("contiguous", "activation layout in training: contiguous (NCHW) or channels_last "
                                                 "(NHWC: faster steps on the CPU, but PyTorch's channels_last "
                                                 "BatchNorm sums batch statistics less exactly)", MEMORY_FORMATS)
+    kernels: str = _setting("fast", "training kernels: fast (the blocks' hand-written convolutions and backward "
+                                    "passes, the same results to float rounding, faster) or plain (the paper's "
+                                    "forward in plain PyTorch)", KERNELS)
     checkpointing: bool = _setting(False, "recompute each stage's activations in the backward pass: a fraction of "
                                           "the memory for about 1.2-1.3x the step time; the same results")
     workers: int = _setting(-1, "DataLoader worker processes (-1: 2 on CUDA, 0 on CPU)")
@@ -83,6 +87,8 @@ class TrainConfig:
         if self.mask_resampling not in MASK_RESAMPLING:
             raise ValueError(f"mask_resampling must be one of {', '.join(MASK_RESAMPLING)}, "
                              f"got {self.mask_resampling!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
         for name in ("epochs", "batch_size", "base_size"):
@@ -125,8 +131,8 @@ class TrainConfig:
 
 # Settings that may differ between a run and its resumption; every other one must stay as it was.
 RUNTIME_FIELDS = frozenset({"device", "bf16", "compile", "cpu_malloc", "tf32", "workers", "vis_images", "resume",
-                            "overwrite", "amp", "memory_format", "checkpointing", "save_iter_step", "log_every",
-                            "data_root", "out"})
+                            "overwrite", "amp", "memory_format", "kernels", "checkpointing", "save_iter_step",
+                            "log_every", "data_root", "out"})
 
 MODEL_HELP = {"stage_num": "K, the number of stages",
               "channels": "width of the BSGU cell and the reconstruction network"}

@@ -29,8 +29,8 @@ import torch
 from scipy.special import expit
 from torch import nn
 
+from model import optimize_for_inference, unwrap
 from model.dconet import SIZE_MULTIPLE, StageOutput
-from model.fast import optimize_for_inference
 from utils.imageio import release_image, to_unit
 from utils.runtime import resolve_device
 
@@ -150,8 +150,7 @@ class InferenceModel(nn.Module):
 
     @property
     def config(self):
-        inner = getattr(self.model, "_orig_mod", self.model)
-        return inner.config
+        return unwrap(self.model).config
 
     def forward(self, x: torch.Tensor, return_stages: bool = False):
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
@@ -168,7 +167,7 @@ def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = Fal
 
     Args:
         bf16: bfloat16 arithmetic. With ``fast``, the BSGU and the reconstruction run in bfloat16
-            (``model.fast.BF16_PARTS``; T stays within ``BF16_T_RTOL`` of max |T| of float32); without, the whole
+            (``model.fast.BF16_BLOCKS``; T stays within ``BF16_T_RTOL`` of max |T| of float32); without, the whole
             forward runs under torch.autocast. Outputs are float32 either way.
         compile: torch.compile the network (the first call of every input size then compiles, which takes minutes).
         fast: run ``optimize_for_inference(model)``: BatchNorm folded, channels_last, the BSGU in bands; in

@@ -93,6 +93,7 @@ class Trainer:
 
         self.model = DCONet(config.model).to(self.device)
         self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
+        self.model.set_fast_kernels(config.kernels == "fast")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
         fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
