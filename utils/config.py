@@ -195,11 +195,3 @@ def _flatten(values: dict) -> dict:
     for key in ("model", "runtime"):
         flat.update(values.get(key, {}))
     return flat
-
-
-def with_settings(config: TrainConfig, **changes) -> TrainConfig:
-    """``config`` with some settings changed, nested ones (stage_num, device, ...) named flat."""
-    flat = _flatten(config.to_dict())
-    flat.update(changes)
-    return TrainConfig.from_dict(flat)
-

@@ -61,14 +61,6 @@ def gather_objects(info: DistInfo, value) -> list:
     return out
 
 
-def all_reduce_mean(info: DistInfo, value: float, device: torch.device) -> float:
-    if not info.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / info.world_size
-
-
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
