@@ -23,12 +23,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from model import load_model
-from utils.export import ExportError, ExportOptions, dataset_images, default_weights, export
-from utils.imageio import quiet_opencv
-from utils.inference import Geometry, prepare_model, trained_geometry
-from utils.runtime import add_runtime_arguments, runtime_from_args
-from utils.video import FrameSource, VideoSourceError
+from utils.cpu_memory import limit_openmp_spinning
+
+limit_openmp_spinning()   # before torch loads: exports on a busy CPU were up to 50x slower without it
+
+from model import load_model  # noqa: E402
+from utils.export import ExportError, ExportOptions, dataset_images, default_weights, export  # noqa: E402
+from utils.imageio import quiet_opencv  # noqa: E402
+from utils.inference import Geometry, prepare_model, trained_geometry  # noqa: E402
+from utils.runtime import add_runtime_arguments, runtime_from_args  # noqa: E402
+from utils.video import FrameSource, VideoSourceError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""How the C library hands out memory on the CPU, which decides much of DCONet's CPU speed at batch 8.
+"""How the C library hands out memory on the CPU, which decides much of DCONet's CPU speed at batch 8; and how
+long idle OpenMP threads spin (``limit_openmp_spinning``), which decides it on a busy machine.
 
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mmap and returns it to the
 system on free; the next allocation then faults in its pages one by one. A 32-channel float32 activation of a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 MODES = ("auto", "keep", "system")
@@ -52,3 +54,18 @@ def configure_cpu_malloc(mode: str, device_type: str) -> str:
     if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES) != 1:
         return "system allocator (mallopt refused)"
     return "glibc keeping freed memory for reuse"
+
+
+SPIN_COUNT = "1000"
+
+
+def limit_openmp_spinning() -> None:
+    """Let idle OpenMP threads sleep after 1,000 spins instead of libgomp's default of about 300,000.
+
+    Call it before torch is imported (libgomp reads the setting once, when it loads). Inference is hundreds of
+    short parallel regions per image; when other processes want the cores, threads spinning at every region's end
+    crowd out the thread the region waits for, and a region can cost a scheduler time slice: up to 50 times
+    slower exports, measured (benchmarks/README.md). On an idle machine the cap costs 2-25%. A wait policy or
+    spin count set in the environment is kept (``GOMP_SPINCOUNT=300000`` restores the default)."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
