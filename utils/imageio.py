@@ -114,27 +114,26 @@ def release_image(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return to_unit(resize_linear(np.asarray(gray), size))
 
 
-def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """cv2.INTER_NEAREST to ``size`` = (H, W), the release's rule for masks: output pixel i reads source pixel
-    floor(i * in / out)."""
+def _resize_mask(mask: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape == tuple(size):
         return mask
     source = mask.astype(np.uint8) if mask.dtype == np.bool_ else mask
-    resized = cv2.resize(source, _dsize(size), interpolation=cv2.INTER_NEAREST)
+    resized = cv2.resize(source, _dsize(size), interpolation=interpolation)
     return resized.astype(np.bool_) if mask.dtype == np.bool_ else resized
+
+
+def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.INTER_NEAREST to ``size`` = (H, W), the release's rule for masks: output pixel i reads source pixel
+    floor(i * in / out)."""
+    return _resize_mask(mask, size, cv2.INTER_NEAREST)
 
 
 def resize_mask_centres(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest neighbour at pixel centres (cv2.INTER_NEAREST_EXACT, PIL's NEAREST) to ``size`` = (H, W): output
     pixel i reads source pixel floor((i + 0.5) * in / out). This project's rule where the release's geometry
     does not apply (a mask brought to its image's native size)."""
-    mask = np.asarray(mask)
-    if mask.shape == tuple(size):
-        return mask
-    source = mask.astype(np.uint8) if mask.dtype == np.bool_ else mask
-    resized = cv2.resize(source, _dsize(size), interpolation=cv2.INTER_NEAREST_EXACT)
-    return resized.astype(np.bool_) if mask.dtype == np.bool_ else resized
+    return _resize_mask(mask, size, cv2.INTER_NEAREST_EXACT)
 
 
 def soft_labels(mask: np.ndarray) -> np.ndarray:
