@@ -160,7 +160,8 @@ def test_draw_detections_boxes_labels_and_input_untouched():
     # box one pixel outside the component (rows 20..22, columns 10..13): rows 18 and 24, columns 8 and 15
     assert red[18, 8:16].all() and red[24, 8:16].all() and red[18:25, 8].all() and red[18:25, 15].all()
     assert (drawn[20:23, 10:14] == 230).all(), "the target's own pixels stay visible"
-    assert red[:17].any(), "the label is written above the box"
+    above = drawn[:17].astype(int)      # anti-aliased text: its pixels lean red, few are pure red
+    assert (above[..., 2] > above[..., 1] + 50).any(), "the label is written above the box"
     big = draw_detections(image, found, scale=3, show_score=False)
     assert big.shape == (120, 144, 3)
     assert (draw_detections(image, []) == np.round(image * 255).astype(np.uint8)[..., None]).all()

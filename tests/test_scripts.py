@@ -13,6 +13,7 @@ import torch
 
 import t_models
 from model import DCONet, DCONetConfig, save_checkpoint
+from utils.imageio import set_opencv_log_level
 from utils.synthetic_sets import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_help_prints_every_default_once(script):
 
 def test_opencv_messages_stay_out_of_the_output(tmp_path, capfd):
     """An unreadable image is reported once, by name, by t_models.py; OpenCV's own warnings do not show."""
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_WARNING)      # as a fresh process starts
+    set_opencv_log_level(3)      # warnings, as a fresh process starts
     folder = tmp_path / "frames"
     folder.mkdir()
     cv2.imwrite(str(folder / "ok.png"), np.full((32, 32), 90, np.uint8))

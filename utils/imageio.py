@@ -31,11 +31,18 @@ IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 _READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH   # cv2.imread(path, 0), without cutting 16 bits to 8
 
 
+def set_opencv_log_level(level: int) -> None:
+    """OpenCV's own log level (0 silent, 3 warnings, OpenCV's start-up level); OpenCV 4 names the setter
+    cv2.setLogLevel, OpenCV 5 cv2.utils.logging.setLogLevel."""
+    logging = getattr(cv2.utils, "logging", None)
+    (logging.setLogLevel if logging is not None else cv2.setLogLevel)(level)
+
+
 def quiet_opencv() -> None:
     """Keep OpenCV's and its FFmpeg's own messages ("[ WARN:0@...] ...", "[png @ ...] ...") out of the output:
     the scripts report every file they cannot read themselves, by name."""
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")      # AV_LOG_QUIET, read when FFmpeg is first used
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    set_opencv_log_level(0)
 
 
 class ImageReadError(ValueError):
