@@ -107,9 +107,10 @@ class BSGU(nn.Module):
         self.deployed = False
 
     def reset_parameters(self) -> None:
-        """The release's initialisation: xavier-normal weights, zero biases, eps = 0.01."""
-        convs = [self.conv_x, self.conv_f, self.conv_i, self.conv_o, self.conv_g, self.conv_out]
-        for conv in convs + ([] if self.first_stage else [self.conv_c]):
+        """The release's initialisation: xavier-normal weights, zero biases, eps = 0.01. (The order of the draws
+        is this project's since its first version, so that a seed gives the same network as it always did.)"""
+        convs = [self.conv_x, self.conv_out] + ([] if self.first_stage else [self.conv_c])
+        for conv in convs + [self.conv_f, self.conv_i, self.conv_o, self.conv_g]:
             nn.init.xavier_normal_(conv.weight)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.epsilon, 0.01)
