@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.detections import Detection
+from utils.imageio import refuse_to_replace
 
 TABLE_COLUMNS = ("source", "frame", "time_s", "id", "x", "y", "x0", "y0", "x1", "y1", "area", "peak", "mean",
                  "threshold")
@@ -74,9 +75,7 @@ class DetectionTable:
         if self.format is None:
             raise ValueError(f"{self.path}: a detection table is a .csv or a .jsonl (JSON Lines) file; "
                              f"choose one of these suffixes")
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} already exists and is kept; remove it, choose another name, "
-                                  f"or pass overwrite=True (--overwrite)")
+        refuse_to_replace(self.path, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w" if overwrite else "x", newline="", encoding="utf-8")
         self._csv = None

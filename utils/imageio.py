@@ -45,6 +45,14 @@ def quiet_opencv() -> None:
     set_opencv_log_level(0)
 
 
+def refuse_to_replace(path: Path, overwrite: bool, instead: str = "choose another name") -> None:
+    """Raise FileExistsError naming ``path`` when it exists and ``overwrite`` is False: nothing is replaced
+    silently."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists and is kept; remove it, {instead}, "
+                              f"or pass overwrite=True (--overwrite)")
+
+
 class ImageReadError(ValueError):
     """An image or mask file that cannot be read (missing, unreadable, truncated or of an unknown layout)."""
 

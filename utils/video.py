@@ -44,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.imageio import IMAGE_SUFFIXES, ImageReadError, read_image
+from utils.imageio import IMAGE_SUFFIXES, ImageReadError, read_image, refuse_to_replace
 
 VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "FFV1"}  # FourCC written for each suffix
 LOSSLESS_CODEC = "FFV1"
@@ -275,9 +275,7 @@ def to_bgr(image: np.ndarray) -> np.ndarray:
 def write_png(path: str | Path, image: np.ndarray, overwrite: bool = False) -> Path:
     """Write a uint8 image (gray or BGR) as PNG; an existing file is an error unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists and is kept; remove it, choose another output folder, "
-                              f"or pass overwrite=True (--overwrite)")
+    refuse_to_replace(path, overwrite, "choose another output folder")
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed for an image of shape {image.shape} and type {image.dtype}")
@@ -319,9 +317,7 @@ class FrameWriter:
             if self.path.is_dir():
                 raise FileExistsError(f"{self.path} is a folder; give a video file name ending in "
                                       f"{', '.join(VIDEO_CODECS)}")
-            if self.path.exists() and not overwrite:
-                raise FileExistsError(f"{self.path} already exists and is kept; remove it, choose another name, "
-                                      f"or pass overwrite=True (--overwrite)")
+            refuse_to_replace(self.path, overwrite)
             self.path.parent.mkdir(parents=True, exist_ok=True)
         else:
             if self.path.is_file():
