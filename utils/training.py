@@ -189,7 +189,7 @@ class Trainer:
     def fit(self) -> dict:
         config, p = self.config, self.progress
         if self.info.is_main:
-            print("DCONet training configuration:\n" + json.dumps(config.to_dict(), indent=1))
+            print("DCONet training:")
             for part in ("train", "val"):
                 print(f"  {part}: {getattr(self.data, part).describe()}")
             print(f"  device {self.device} ({self.malloc}), {self.info.world_size} process(es), "
