@@ -154,3 +154,17 @@ def test_initialisation_follows_the_release():
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
     conv_in = model.stages[0].dbem.conv_in.weight                       # (16, 1, 7, 7): fan_in 49, fan_out 784
     assert abs(conv_in.std().item() - (2.0 / (49 + 784)) ** 0.5) < 0.15 * (2.0 / (49 + 784)) ** 0.5
+
+
+def test_bsgu_initialisation_draws_in_the_projects_order():
+    """A seed gives the same network in every version of this project: the BSGU draws its xavier-normal weights
+    as it always has (conv_x, conv_out, conv_c, then the gates f, i, o, g). Reordering them trains another run."""
+    from model.bsgu import BSGU
+    bsgu = BSGU(channels=8, first_stage=False)
+    torch.manual_seed(7)
+    bsgu.reset_parameters()
+    torch.manual_seed(7)
+    for conv in (bsgu.conv_x, bsgu.conv_out, bsgu.conv_c, bsgu.conv_f, bsgu.conv_i, bsgu.conv_o, bsgu.conv_g):
+        expected = torch.nn.init.xavier_normal_(torch.empty_like(conv.weight))
+        assert torch.equal(conv.weight, expected)
+        assert not conv.bias.any()
