@@ -25,7 +25,7 @@ from pathlib import Path
 
 from utils.cpu_memory import limit_openmp_spinning
 
-limit_openmp_spinning()   # before torch loads: exports on a busy CPU were up to 50x slower without it
+limit_openmp_spinning()   # before torch loads: spinning idle threads slow exports on a busy CPU several times
 
 from model import load_model  # noqa: E402
 from utils.export import ExportError, ExportOptions, dataset_images, default_weights, export  # noqa: E402

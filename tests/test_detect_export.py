@@ -21,10 +21,10 @@ from utils.components import components, match_targets
 from utils.detection_table import read_table
 from utils.detections import Detector
 from utils.export import ExportOptions, export
-from utils.imageio import read_mask, resize_mask_centres
+from utils.imageio import read_mask, resize_mask_centres, write_png
 from utils.inference import Geometry, prepare_model
 from utils.synthetic_sequence import make_sequence, write_sequence
-from utils.video import FrameSource, write_png
+from utils.video import FrameSource
 
 GAIN, MARGIN = 200.0, 0.02  # MARGIN: above the 1/510 quantisation, below the smallest target amplitude (0.05)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from utils.detections import detect, draw_detections
-from utils.imageio import read_image
+from utils.imageio import read_image, write_png
 from utils.video import (VIDEO_CODECS, FrameSource, FrameWriter, ReadSummary, VideoSourceError, iter_frames,
-                         list_frames, write_png)
+                         list_frames)
 
 
 def gray_frames(count: int, shape=(48, 64), seed: int = 0) -> list[np.ndarray]:

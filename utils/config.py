@@ -183,14 +183,16 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[TrainConfig, froz
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"--config {config_file}: not a readable training configuration ({error}); give a "
                              f"config.json written by run_0.py") from None
-    flat = _flatten(base)
+    flat = flatten_settings(base)
     flat.update(given)
     if flat.get("dataset") == "demo" and config_file is None:
         flat.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in given})
     return TrainConfig.from_dict(flat), frozenset(given)
 
 
-def _flatten(values: dict) -> dict:
+def flatten_settings(values: dict) -> dict:
+    """A ``TrainConfig.to_dict()`` with the model's and the runtime's settings at the top level, as the flags
+    name them."""
     flat = {k: v for k, v in values.items() if k not in ("model", "runtime")}
     for key in ("model", "runtime"):
         flat.update(values.get(key, {}))

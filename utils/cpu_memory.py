@@ -64,8 +64,8 @@ def limit_openmp_spinning() -> None:
 
     Call it before torch is imported (libgomp reads the setting once, when it loads). Inference is hundreds of
     short parallel regions per image; when other processes want the cores, threads spinning at every region's end
-    crowd out the thread the region waits for, and a region can cost a scheduler time slice: up to 50 times
-    slower exports, measured (benchmarks/README.md). On an idle machine the cap costs 2-25%. A wait policy or
-    spin count set in the environment is kept (``GOMP_SPINCOUNT=300000`` restores the default)."""
+    crowd out the thread the region waits for, and a region can cost a scheduler time slice (the README's export
+    speed table has the figures). A wait policy or spin count set in the environment is kept
+    (``GOMP_SPINCOUNT=300000`` restores the default)."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)

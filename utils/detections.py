@@ -33,8 +33,8 @@ from scipy import ndimage
 
 from utils.components import components
 from utils.metrics import score_map
-from utils.video import to_bgr, write_png
-
+from utils.imageio import write_png
+from utils.video import to_bgr
 
 
 @dataclass(frozen=True)

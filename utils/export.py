@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import scipy.io
 from torch import nn
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from utils.detection_table import DetectionTable
 from utils.detections import detect, draw_detections, to_image_pixels, write_mask
 from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, release_image, \
-    resize_mask_centres, resize_nearest, to_unit
+    resize_mask_centres, resize_nearest, to_unit, write_png
 from utils.inference import Geometry, Prediction, iter_predictions, to_png
 from utils.video import FrameSource, FrameWriter, list_frames
 
@@ -113,13 +112,8 @@ def write_prediction(prediction: Prediction, out_dir: str | Path) -> None:
     """The release's layout: img/<name>.png (round(sigmoid(T) * 255), 8-bit) and mat/<name>.mat (T logits, B and
     D of the last stage, float32 (H, W))."""
     out_dir = Path(out_dir)
-    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    write_png(out_dir / "img" / f"{prediction.name}.png", to_png(prediction.T), overwrite=True)  # checked before
     (out_dir / "mat").mkdir(parents=True, exist_ok=True)
-    png_path = out_dir / "img" / f"{prediction.name}.png"
-    ok, encoded = cv2.imencode(".png", to_png(prediction.T))
-    if not ok:
-        raise OSError(f"{png_path}: could not encode the prediction as PNG")
-    encoded.tofile(str(png_path))
     scipy.io.savemat(out_dir / "mat" / f"{prediction.name}.mat",
                      {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
 

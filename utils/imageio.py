@@ -53,6 +53,19 @@ def refuse_to_replace(path: Path, overwrite: bool, instead: str = "choose anothe
                               f"or pass overwrite=True (--overwrite)")
 
 
+def write_png(path: str | Path, image: np.ndarray, overwrite: bool = False) -> Path:
+    """Write a uint8 or uint16 image (gray or BGR) as PNG, making its folder; an existing file is an error
+    unless ``overwrite``."""
+    path = Path(path)
+    refuse_to_replace(path, overwrite, "choose another output folder")
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed for an image of shape {image.shape} and type {image.dtype}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoded.tofile(str(path))   # tofile: non-ASCII paths work, as they do for reading
+    return path
+
+
 class ImageReadError(ValueError):
     """An image or mask file that cannot be read (missing, unreadable, truncated or of an unknown layout)."""
 

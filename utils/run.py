@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from model import save_checkpoint
-from utils.config import RUNTIME_FIELDS, TrainConfig
+from utils.config import RUNTIME_FIELDS, TrainConfig, flatten_settings
 
 RUN_FILES = ("best.pkl", "latest.pkl", "config.json", "log.txt")
 
@@ -92,7 +92,7 @@ def remove_if_empty(run_dir: Path) -> None:
 def resumed_config(config: TrainConfig, stored: TrainConfig, given: frozenset[str]) -> TrainConfig:
     """The stored run's settings with the runtime settings of ``config``; a recipe setting given now that
     differs from the stored one is refused."""
-    flat_now, flat_stored = _flat(config), _flat(stored)
+    flat_now, flat_stored = flatten_settings(config.to_dict()), flatten_settings(stored.to_dict())
     changed = sorted(k for k in given - RUNTIME_FIELDS if flat_now[k] != flat_stored[k])
     if changed:
         raise TrainingError(
@@ -101,12 +101,6 @@ def resumed_config(config: TrainConfig, stored: TrainConfig, given: frozenset[st
             + "; drop them, or start a new run with --overwrite or another --out")
     flat_stored.update({k: flat_now[k] for k in RUNTIME_FIELDS})
     return TrainConfig.from_dict(flat_stored)
-
-
-def _flat(config: TrainConfig) -> dict:
-    values = config.to_dict()
-    return {**{k: v for k, v in values.items() if k not in ("model", "runtime")}, **values["model"],
-            **values["runtime"]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -248,7 +248,8 @@ def write_sequence(sequence: SyntheticSequence, folder: str | Path, overwrite: b
     Raises:
         FileExistsError: ``folder`` holds files and ``overwrite`` is False.
     """
-    from utils.video import LOSSLESS_CODEC, FrameWriter, write_png   # here: utils.video imports nothing of this
+    from utils.imageio import write_png
+    from utils.video import LOSSLESS_CODEC, FrameWriter   # here: utils.video imports nothing of this
 
     folder = Path(folder)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:

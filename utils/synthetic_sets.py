@@ -16,17 +16,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from utils.imageio import write_png
 from utils.synthetic import COMPLETE_MARKER, GENERATOR_VERSION, make_sample
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    ok, buffer = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    buffer.tofile(str(path))
 
 
 def _dataset_params(n_trainval: int, n_test: int, size: int, seed: int) -> dict:
@@ -91,8 +84,8 @@ def write_dataset(root: str | Path, name: str = "demo", n_trainval: int = 320, n
         def write(index: int) -> None:
             split = "trainval" if index < n_trainval else "test"
             image, mask = make_sample([seed, index], size)
-            _write_png(staging / split / "images" / f"{index:05d}.png", np.round(image * 255).astype(np.uint8))
-            _write_png(staging / split / "masks" / f"{index:05d}.png", mask.astype(np.uint8) * 255)
+            write_png(staging / split / "images" / f"{index:05d}.png", np.round(image * 255).astype(np.uint8))
+            write_png(staging / split / "masks" / f"{index:05d}.png", mask.astype(np.uint8) * 255)
 
         for split in ("trainval", "test"):
             (staging / split / "images").mkdir(parents=True)

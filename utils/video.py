@@ -44,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.imageio import IMAGE_SUFFIXES, ImageReadError, read_image, refuse_to_replace
+from utils.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, refuse_to_replace, write_png
 
 VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "FFV1"}  # FourCC written for each suffix
 LOSSLESS_CODEC = "FFV1"
@@ -102,9 +102,7 @@ def natural_key(name: str) -> tuple:
 
 def list_frames(folder: str | Path) -> list[Path]:
     """The image files directly inside ``folder`` in natural order."""
-    folder = Path(folder)
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(files, key=lambda p: natural_key(p.name))
+    return sorted(list_images(folder), key=lambda p: natural_key(p.name))
 
 
 def video_gray(frame: np.ndarray) -> np.ndarray:
@@ -270,18 +268,6 @@ def to_bgr(image: np.ndarray) -> np.ndarray:
     elif image.dtype != np.uint8:
         image = np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-
-
-def write_png(path: str | Path, image: np.ndarray, overwrite: bool = False) -> Path:
-    """Write a uint8 image (gray or BGR) as PNG; an existing file is an error unless ``overwrite``."""
-    path = Path(path)
-    refuse_to_replace(path, overwrite, "choose another output folder")
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed for an image of shape {image.shape} and type {image.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    encoded.tofile(str(path))   # tofile: non-ASCII paths work, as in utils.imageio
-    return path
 
 
 class FrameWriter:
