@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from utils.evaluation import (PROTOCOLS, UserError, format_table, refuse_overwrite, report_files, resolve_folders,
+from utils.cli import run_script
+from utils.score.folders import (PROTOCOLS, format_table, refuse_overwrite, report_files, resolve_folders,
                               score_folders, write_report)
-from utils.metrics import METRIC_KEYS
+from utils.score.protocols import METRIC_KEYS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,17 +50,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_script("cal_from_mask.py", lambda: score(args))
+
+
+def score(args: argparse.Namespace) -> int:
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
-    try:
-        pred_dir, mask_dir, name = resolve_folders(args.dataset, args.pred_dir, args.mask_dir, args.data_root,
-                                                   args.results_root)
-        out_dir = Path(args.out) if args.out else Path("eval") / name
-        refuse_overwrite(report_files(out_dir, protocols) + ([Path(args.json)] if args.json else []), args.overwrite)
-        print(f"scoring {pred_dir} against {mask_dir}, protocol(s): {', '.join(protocols)}")
-        evaluators = score_folders(pred_dir, mask_dir, protocols, args.png_is_binary, args.allow_missing)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    pred_dir, mask_dir, name = resolve_folders(args.dataset, args.pred_dir, args.mask_dir, args.data_root,
+                                               args.results_root)
+    out_dir = Path(args.out) if args.out else Path("eval") / name
+    refuse_overwrite(report_files(out_dir, protocols) + ([Path(args.json)] if args.json else []), args.overwrite)
+    print(f"scoring {pred_dir} against {mask_dir}, protocol(s): {', '.join(protocols)}")
+    evaluators = score_folders(pred_dir, mask_dir, protocols, args.png_is_binary, args.allow_missing)
     scores = {protocol: evaluator.compute() for protocol, evaluator in evaluators.items()}
     header = f"{len(next(iter(evaluators.values())))} images; predictions {pred_dir}; masks {mask_dir}"
     table = format_table(scores)

@@ -12,28 +12,23 @@ stopped on a non-finite loss, 2 on a problem the message explains, 130 when inte
 """
 import sys
 
-from model import CheckpointError
-from utils.config import parse_command_line
-from utils.splits import DatasetError
-from utils.run import NonFiniteLoss, TrainingError, continue_hint
-from utils.training import fit
+from utils.cli import run_script
+from utils.train.config import parse_command_line
+from utils.train.loop import fit
+from utils.train.run_dir import continue_hint
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    config = None
+
+    def train() -> int:
+        nonlocal config
         config, given = parse_command_line(argv)
-    except ValueError as error:        # a setting out of range, an unreadable --config
-        print(f"run_0.py: {error}", file=sys.stderr)
-        return 2
-    try:
         fit(config, given)
-    except (TrainingError, DatasetError, CheckpointError) as error:
-        print(f"run_0.py: {error}", file=sys.stderr)
-        return 1 if isinstance(error, NonFiniteLoss) else 2
-    except KeyboardInterrupt:
-        print(f"run_0.py: interrupted; {continue_hint(config.run_dir())}", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_script("run_0.py", train,
+                      interrupted=lambda: continue_hint(config.run_dir()) if config else "")
 
 
 if __name__ == "__main__":

@@ -23,16 +23,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cpu_memory import limit_openmp_spinning
+from utils.io.cpu_memory import limit_openmp_spinning
 
 limit_openmp_spinning()   # before torch loads: spinning idle threads slow exports on a busy CPU several times
 
 from model import load_model  # noqa: E402
-from utils.export import ExportError, ExportOptions, dataset_images, default_weights, export  # noqa: E402
-from utils.imageio import quiet_opencv  # noqa: E402
-from utils.inference import Geometry, prepare_model, trained_geometry  # noqa: E402
-from utils.runtime import add_runtime_arguments, runtime_from_args  # noqa: E402
-from utils.video import FrameSource, VideoSourceError  # noqa: E402
+from utils.cli import run_script  # noqa: E402
+from utils.export.writer import ExportOptions, dataset_images, default_weights, export  # noqa: E402
+from utils.io.images import quiet_opencv  # noqa: E402
+from utils.export.predict import Geometry, prepare_model, trained_geometry  # noqa: E402
+from utils.io.runtime import add_runtime_arguments, runtime_from_args  # noqa: E402
+from utils.io.video import FrameSource  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,47 +92,43 @@ def _name(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_opencv()
-    try:
-        Geometry(args.resize, args.tile, args.overlap)        # flag values first, before any file is read
-        runtime = runtime_from_args(args)
-        if args.dataset:
-            folder, mask_dir = dataset_images(args.data_root, args.dataset)
-        else:
-            folder, mask_dir = args.input, None
-        source = FrameSource(folder, fps=args.fps)
-        out = args.out or Path("results") / (args.dataset or _name(args.input))
-        annotate = args.annotate
-        if annotate is True:
-            annotate = out / ("annotated.avi" if source.kind == "video" else "annotated")
-        options = ExportOptions(batch_size=args.batch_size, maps={"auto": None, "on": True, "off": False}[args.maps],
-                                threshold=args.threshold, json=args.json, save_masks=args.save_masks,
-                                visualize=args.visualize, mask_dir=args.masks or mask_dir, annotate=annotate,
-                                fps=args.fps, strict=args.strict, overwrite=args.overwrite,
-                                progress=not args.no_progress)
-        weights = args.weights or default_weights(args.dataset)
-        model, info = load_model(weights)
-        geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
-        print(f"geometry: {why}", flush=True)
-        device, memory = runtime.setup()
-    except (ValueError, VideoSourceError) as error:     # ExportError, CheckpointError, a flag value explained
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_script("t_models.py", lambda: export_command(args))
+
+
+def export_command(args: argparse.Namespace) -> int:
+    Geometry(args.resize, args.tile, args.overlap)        # flag values first, before any file is read
+    runtime = runtime_from_args(args)
+    if args.dataset:
+        folder, mask_dir = dataset_images(args.data_root, args.dataset)
+    else:
+        folder, mask_dir = args.input, None
+    source = FrameSource(folder, fps=args.fps)
+    out = args.out or Path("results") / (args.dataset or _name(args.input))
+    annotate = args.annotate
+    if annotate is True:
+        annotate = out / ("annotated.avi" if source.kind == "video" else "annotated")
+    options = ExportOptions(batch_size=args.batch_size, maps={"auto": None, "on": True, "off": False}[args.maps],
+                            threshold=args.threshold, json=args.json, save_masks=args.save_masks,
+                            visualize=args.visualize, mask_dir=args.masks or mask_dir, annotate=annotate,
+                            fps=args.fps, strict=args.strict, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+    weights = args.weights or default_weights(args.dataset)
+    model, info = load_model(weights)
+    geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
+    print(f"geometry: {why}", flush=True)
+    device, memory = runtime.setup()
     print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device} "
           f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} image(s); "
           f"{geometry.describe()}; writing to {out}", flush=True)
     net = prepare_model(model, device, bf16=runtime.bf16, compile=runtime.compile, fast=not args.plain)
-    try:
-        summary = export(net, source, out, geometry, options)
-    except (ExportError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = export(net, source, out, geometry, options)
     unit = "frame(s)" if source.kind == "video" else "image(s)"
     print(f"wrote {summary.written} {unit} to {out} in {summary.seconds:.1f} s "
           f"({summary.per_second:.2f} {unit[:-3]}/s); "
           f"{summary.detections} target(s) in " + ", ".join(str(p) for p in summary.files)
           + (f"; {summary.panels} panel(s) in {out / 'vis'}" if args.visualize else ""))
     if summary.unread:
-        print(f"error: {summary.unread} {unit} could not be read and were skipped (the first listed above)",
+        print(f"t_models.py: error: {summary.unread} {unit} could not be read and were skipped (the first listed above)",
               file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""Time utils.metrics.Evaluator on seeded synthetic sets, both protocols.
+"""Time utils.score.metrics.Evaluator on seeded synthetic sets, both protocols.
 
     python benchmarks/bench_metrics.py                      # 1,000 images of 256x256 and 200 of 512x512
     python benchmarks/bench_metrics.py --sets 100x256       # any list of <images>x<side>
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.metrics import PRESETS, Evaluator  # noqa: E402
+from utils.score.metrics import Evaluator  # noqa: E402
+from utils.score.protocols import PRESETS  # noqa: E402
 
 
 def synthetic_pair(rng: np.random.Generator, side: int) -> tuple[np.ndarray, np.ndarray]:

@@ -186,7 +186,7 @@ def _build(case: dict):
 
 def child(case: dict) -> dict:
     sys.path.insert(0, str(REPO))
-    from utils.cpu_memory import configure_cpu_malloc
+    from utils.io.cpu_memory import configure_cpu_malloc
     configure_cpu_malloc(case.get("cpu_malloc", "system"), "cpu")     # before the first large allocation
     import torch
     if case.get("threads"):

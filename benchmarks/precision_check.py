@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import load_model  # noqa: E402
-from utils.export import ExportError, dataset_images, find_mask  # noqa: E402
-from utils.imageio import list_images, read_image, read_mask  # noqa: E402
-from utils.inference import Geometry, predict, prepare_model  # noqa: E402
-from utils.metrics import PRESETS, Evaluator  # noqa: E402
+from utils.export.writer import ExportError, dataset_images, find_mask  # noqa: E402
+from utils.io.images import list_images, read_image, read_mask  # noqa: E402
+from utils.export.predict import Geometry, predict, prepare_model  # noqa: E402
+from utils.score.metrics import Evaluator  # noqa: E402
+from utils.score.protocols import PRESETS  # noqa: E402
 
 PATHS = {"model fp32": dict(fast=False), "fast fp32": dict(fast=True), "fast bf16": dict(fast=True, bf16=True)}
 SHOWN = ("mIoU", "nIoU", "F1", "Pd", "Fa")

@@ -1,20 +1,16 @@
 """The model's configuration: a dataclass whose defaults are the authors' release."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass(frozen=True)
 class DCONetConfig:
-    """Structure of a DCONet model.
+    """Structure of a DCONet model; the defaults are the release's model factory. Each field's help text is its
+    command-line help (run_0.py)."""
 
-    Args:
-        stage_num: K, the number of unrolled stages (the release's model factory uses 5).
-        channels: width of the BSGU cell and of the reconstruction network (32 in the release).
-    """
-
-    stage_num: int = 5
-    channels: int = 32
+    stage_num: int = field(default=5, metadata={"help": "K, the number of stages"})
+    channels: int = field(default=32, metadata={"help": "width of the BSGU cell and the reconstruction network"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.stage_num, int) or self.stage_num < 1:

@@ -19,8 +19,8 @@ from model import DCONet, from_release_state_dict, optimize_for_inference
 from model.fast import BF16_T_RTOL
 from model.checkpoint import release_gradients
 from run_0 import main as train_main
-from utils.runtime import RuntimeOptions
-from utils.synthetic_sets import write_dataset
+from utils.io.runtime import RuntimeOptions
+from utils.data.synthetic_sets import write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch sees no CUDA GPU")
 

@@ -1,0 +1,37 @@
+"""How the scripts end: one handler that turns what went wrong into one line and an exit code.
+
+    def main(argv=None) -> int:
+        return run_script("t_models.py", lambda: _export(parse_args(argv)))
+
+Exit codes, the same in every script:
+
+    0    done
+    1    done in part (some inputs could not be read), or stopped on purpose (a non-finite loss): the body
+         returns 1, or raises an error whose ``exit_code`` is 1
+    2    a problem the message explains (a flag, a file, a data set, a checkpoint): the error's one line is printed
+    130  interrupted (Ctrl-C): one line, with what to do next when the script knows it
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from utils import ProjectError
+
+# Errors whose message is written for the user. The model's own (CheckpointError) and the data's are ValueErrors;
+# the training loop's are ProjectErrors.
+EXPLAINED = (ProjectError, ValueError, FileExistsError)
+
+
+def run_script(script: str, body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
+    """Run ``body`` and return its exit code, or the code of what it raised (module docstring); each failure
+    is reported as one line on stderr, ``<script>: error: <message>``, without a traceback."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        hint = interrupted() if interrupted else ""
+        print(f"{script}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
+    except EXPLAINED as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        return error.exit_code if isinstance(error, ProjectError) else 2

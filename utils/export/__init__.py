@@ -1,0 +1,11 @@
+"""Export: the geometry an image is run at and the predictions, the files written (maps, .mat, masks,
+annotated video), the detected targets and their table, and the decomposition panels."""
+from utils import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "predict": ("Geometry", "Prediction", "trained_geometry", "prepare_model", "predict", "iter_predictions"),
+    "writer": ("ExportError", "ExportOptions", "export", "dataset_images", "default_weights"),
+    "detections": ("Detection", "Detector", "detect", "detect_logits", "draw_detections"),
+    "detection_table": ("DetectionTable", "read_table"),
+    "panels": ("save_panel", "decomposition_panel", "detection_outcome"),
+})

@@ -1,0 +1,289 @@
+"""Export: images, folders of frames or videos in; maps, a table of targets and pictures out.
+
+    source = FrameSource("datasets/NUDT-SIRST/test/images")          # or a video, or one image
+    summary = export(net, source, "results/NUDT-SIRST", geometry, ExportOptions(visualize=True))
+
+For every image or frame, under the output folder:
+
+- ``img/<name>.png`` (round(sigmoid(T) x 255), 8-bit) and ``mat/<name>.mat`` (T logits, B and D of the last
+  stage, float32), the release's layout, at the export geometry (written by default for images; for a video
+  only with ``maps=True``: one .mat a frame adds up fast);
+- one row per detected target in ``detections.csv`` (and ``detections.jsonl`` with ``json=True``), see
+  ``utils.export.detections``. Targets are found on the exported map (the one ``cal_from_mask.py`` scores), as
+  8-connected components of sigmoid(T) > ``threshold``; their coordinates and areas are given in the input
+  image's pixels (scaled back from the map when the export geometry resized the image);
+- optionally ``masks/<name>.png`` (the thresholded map, 0/255), ``vis/<name>.png`` (a decomposition panel) and an
+  annotated video or folder of frames with the detections drawn.
+
+Nothing is overwritten without ``overwrite``; memory stays constant whatever the length of the source.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from torch import nn
+from tqdm import tqdm
+
+from utils.export.detection_table import DetectionTable
+from utils.export.detections import detect, draw_detections, to_image_pixels, write_mask
+from utils.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, release_image, \
+    resize_mask_centres, resize_nearest, to_unit, write_png
+from utils.export.predict import Geometry, Prediction, iter_predictions, to_png
+from utils.io.frame_writer import FrameWriter
+from utils.io.video import FrameSource, list_frames
+
+MAP_FOLDERS = ("img", "mat", "vis", "masks")
+TABLE_NAME = "detections"
+
+
+class ExportError(ValueError):
+    """A problem the user has to fix before or during an export (paths, existing results, unreadable images)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export writes besides the detection table.
+
+    Args:
+        batch_size: images of the same size (or tiles) per forward pass.
+        maps: write img/ and mat/; None: for images yes, for a video no.
+        threshold: a pixel is target when sigmoid(T) > threshold (0.5: T > 0).
+        json: also write the table as JSON Lines (detections.jsonl).
+        save_masks: write masks/<name>.png, the thresholded map.
+        visualize: write vis/<name>.png, a decomposition panel (with the ground truth of ``mask_dir``).
+        mask_dir: masks for the panels, matched by name.
+        annotate: a video file (.avi, .mp4, .mkv) or a folder for frames with the detections drawn.
+        fps: frame rate of a folder of frames (gives them times); a video's own rate is used for it.
+        strict: stop at the first image or frame that cannot be read instead of skipping it.
+        overwrite: write over existing results.
+        progress: a progress bar (images or frames per second).
+    """
+
+    batch_size: int = 1
+    maps: bool | None = None
+    threshold: float = 0.5
+    json: bool = False
+    save_masks: bool = False
+    visualize: bool = False
+    mask_dir: Path | None = None
+    annotate: Path | None = None
+    fps: float | None = None
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ExportError(f"the batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ExportError(f"the threshold is a probability in [0, 1), got {self.threshold}")
+
+
+@dataclass
+class ExportSummary:
+    """What an export did: images or frames written, how many could not be read (``unread``; the first few
+    reasons in ``skipped``), targets found, seconds."""
+
+    written: int = 0
+    unread: int = 0
+    skipped: list[str] = field(default_factory=list)
+    detections: int = 0
+    panels: int = 0
+    seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files out
+# ----------------------------------------------------------------------------------------------------------
+
+def write_prediction(prediction: Prediction, out_dir: str | Path) -> None:
+    """The release's layout: img/<name>.png (round(sigmoid(T) * 255), 8-bit) and mat/<name>.mat (T logits, B and
+    D of the last stage, float32 (H, W))."""
+    out_dir = Path(out_dir)
+    write_png(out_dir / "img" / f"{prediction.name}.png", to_png(prediction.T), overwrite=True)  # checked before
+    (out_dir / "mat").mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(out_dir / "mat" / f"{prediction.name}.mat",
+                     {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
+
+
+def output_paths(out_dir: Path, options: ExportOptions) -> list[Path]:
+    """The files and folders an export with ``options`` writes into (besides the per-image folders)."""
+    paths = [out_dir / f"{TABLE_NAME}.csv"] + ([out_dir / f"{TABLE_NAME}.jsonl"] if options.json else [])
+    return paths + ([options.annotate] if options.annotate is not None else [])
+
+
+def check_output(out_dir: str | Path, options: ExportOptions) -> None:
+    """Refuse to write where results exist already, unless ``options.overwrite``."""
+    out_dir = Path(out_dir)
+    found = sorted(p for sub in MAP_FOLDERS if (out_dir / sub).is_dir() for p in (out_dir / sub).iterdir())
+    found += [p for p in output_paths(out_dir, options) if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+    if found and not options.overwrite:
+        raise ExportError(f"{out_dir} already holds {len(found)} result file(s) (e.g. {found[0]}); they are kept. "
+                          f"Pass --overwrite to write over them, or --out to choose another folder")
+
+
+def find_mask(mask_dir: Path | None, stem: str) -> Path | None:
+    """<mask_dir>/<stem>.<any image suffix>, or None."""
+    if mask_dir is None or not mask_dir.is_dir():
+        return None
+    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        path = mask_dir / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _mask_for_panel(path: Path, image_shape: tuple[int, int], geometry: Geometry,
+                    warn: Callable[[str], None]) -> np.ndarray | None:
+    """A mask brought to the prediction's size, or None (with a note) when unreadable."""
+    try:
+        mask = read_mask(path)
+    except ImageReadError as error:
+        warn(f"mask not shown: {error}")
+        return None
+    if geometry.resize:
+        return resize_nearest(mask, (geometry.resize, geometry.resize)) > 0     # the release's geometry
+    return resize_mask_centres(mask, tuple(image_shape)) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The export
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_names(source: FrameSource) -> None:
+    if source.kind != "folder":
+        return
+    duplicates = sorted(stem for stem, count in Counter(p.stem for p in list_frames(source.path)).items()
+                        if count > 1)
+    if duplicates:
+        raise ExportError(f"several input files share the name(s) {duplicates[:5]} (different suffixes); their "
+                          f"results would overwrite each other: rename or move them")
+
+
+def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry: Geometry = Geometry(),
+           options: ExportOptions = ExportOptions(), warn: Callable[[str], None] | None = None) -> ExportSummary:
+    """Predict every image or frame of ``source`` with a prepared model (``utils.export.predict.prepare_model``) and
+    write what ``options`` asks for under ``out_dir``. An unreadable image or frame is reported through
+    ``warn`` (default: stderr, above the progress bar) and skipped (``ExportError`` with ``options.strict``)."""
+    out_dir = Path(out_dir)
+    _check_names(source)
+    check_output(out_dir, options)
+    warn = warn or (lambda message: tqdm.write(message, file=sys.stderr))
+    video = source.kind == "video"
+    maps = (not video) if options.maps is None else options.maps
+    sequence = video or options.fps is not None
+    summary = ExportSummary()
+    waiting = {}
+    unit = "frame" if video else "img"
+    bar = tqdm(total=source.frame_count, unit=unit, disable=not options.progress or None, dynamic_ncols=True)
+
+    def frames() -> Iterator[tuple[str, np.ndarray]]:
+        reported = 0
+        for frame in source.frames():
+            while reported < len(source.summary.errors):
+                _skipped(source.summary.errors[reported])
+                reported += 1
+            waiting[frame.name] = frame
+            yield frame.name, frame.image
+        while reported < len(source.summary.errors):
+            _skipped(source.summary.errors[reported])
+            reported += 1
+        summary.unread = source.summary.failed
+
+    def _skipped(error: str) -> None:
+        if options.strict:
+            raise ExportError(f"{error} (stopped because of --strict; without it the image is skipped)")
+        summary.skipped.append(error)
+        warn(f"skipped: {error}")
+
+    tables = [DetectionTable(out_dir / f"{TABLE_NAME}.csv", overwrite=options.overwrite)]
+    if options.json:
+        tables.append(DetectionTable(out_dir / f"{TABLE_NAME}.jsonl", overwrite=options.overwrite))
+    annotated = None
+    start = time.perf_counter()
+    try:
+        if options.annotate is not None:
+            annotated = FrameWriter(options.annotate, fps=source.fps or options.fps or 25.0,
+                                    overwrite=options.overwrite)
+        for prediction in iter_predictions(model, frames(), geometry, options.batch_size,
+                                           return_stages=options.visualize):
+            frame = waiting.pop(prediction.name)
+            if maps:
+                write_prediction(prediction, out_dir)
+            probability = prediction.probability
+            found = to_image_pixels(detect(probability, options.threshold), probability.shape, frame.image.shape)
+            for table in tables:
+                table.write(found, source=Path(frame.source).name, frame=frame.index if sequence else None,
+                            time=frame.time if sequence else None)
+            summary.detections += len(found)
+            if options.save_masks:
+                write_mask(out_dir / "masks" / f"{frame.name}.png", probability, options.threshold,
+                           overwrite=options.overwrite)
+            if annotated is not None:
+                annotated.write(draw_detections(frame.image, found), frame.name)
+            if options.visualize:
+                _panel(out_dir, frame.image, prediction, geometry, options.mask_dir, warn)
+                summary.panels += 1
+            summary.written += 1
+            bar.update(1)
+    finally:
+        bar.close()
+        for table in tables:
+            table.close()
+        if annotated is not None:
+            annotated.close()
+    summary.seconds = time.perf_counter() - start
+    summary.files = [t.path for t in tables] + ([options.annotate] if options.annotate is not None else [])
+    return summary
+
+
+def _panel(out_dir: Path, image: np.ndarray, prediction: Prediction, geometry: Geometry, mask_dir: Path | None,
+           warn: Callable[[str], None]) -> None:
+    from utils.export.panels import save_panel   # here: matplotlib loads only when panels are asked for
+    mask_path = find_mask(mask_dir, prediction.name)
+    mask = _mask_for_panel(mask_path, image.shape, geometry, warn) if mask_path else None
+    shown = release_image(image, prediction.T.shape) if geometry.resize else to_unit(image)
+    save_panel(out_dir / "vis" / f"{prediction.name}.png", shown, prediction, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where inputs and weights come from
+# ----------------------------------------------------------------------------------------------------------
+
+def dataset_images(data_root: str | Path, name: str) -> tuple[Path, Path]:
+    """<data_root>/<name>/test/images and the folder of their masks."""
+    root = Path(data_root)
+    folder = root / name / "test" / "images"
+    if not folder.is_dir():
+        known = sorted(p.name for p in root.iterdir() if (p / "test" / "images").is_dir()) if root.is_dir() else []
+        raise ExportError(f"{folder}: no such folder. A data set lives in <data-root>/<name>/test/images "
+                          f"(see datasets/README.md); data sets found under {root}: {known or 'none'}; "
+                          f"use --data-root to look elsewhere, or --input for any folder of images")
+    if not list_images(folder):
+        raise ExportError(f"{folder}: holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return folder, root / name / "test" / "masks"
+
+
+def default_weights(dataset: str | None, weight_root: str | Path = "Weight") -> Path:
+    """Weight/<dataset>/best.pkl, which training writes; an error that says what to do when it is absent."""
+    if dataset is None:
+        raise ExportError("no weights given: pass --weights FILE (a checkpoint of this project or a release best.pkl)")
+    path = Path(weight_root) / dataset / "best.pkl"
+    if not path.is_file():
+        raise ExportError(f"no weights given and {path} does not exist: train first "
+                          f"(python run_0.py --dataset {dataset}) or pass --weights FILE "
+                          f"(a checkpoint of this project or an authors' best.pkl)")
+    return path

@@ -1,0 +1,188 @@
+"""The settings of a training run: one dataclass whose defaults are the authors' recipe, and its command line.
+
+    config = parse_command_line(["--dataset", "NUAA-SIRST", "--stage-num", "3"])[0]
+    config.model            # DCONetConfig(stage_num=3, channels=32): the network, stored in every checkpoint
+    config.runtime          # RuntimeOptions(device="auto", ...): where and how to run, shared with t_models.py
+
+The command line is flat (``--stage-num``, ``--device``); the configuration nests the model's and the runtime's
+settings. ``config.json`` in a run folder holds ``asdict(config)`` and can be given back with ``--config FILE``
+(flags given with it still win).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from model import DCONetConfig
+from utils.io.images import MASK_RESAMPLING
+from utils.io.runtime import RuntimeOptions, flag_name, setting
+
+AUGMENT_MODES = ("auto", "on", "off")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+KERNELS = ("fast", "plain")
+# A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
+DEMO_DEFAULTS = {"epochs": 12, "base_size": 64, "stage_num": 2, "lr": 1e-3}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. The defaults are the authors' recipe (DCONet release, run_0.py)."""
+
+    dataset: str = setting("IRSTD-1k", "data set folder under --data-root (NUDT-SIRST, IRSTD-1k, sirst_aug, "
+                                        "NUAA-SIRST or any other in that layout), or 'demo': the built-in "
+                                        "synthetic set")
+    data_root: str = setting("datasets", "folder holding the data sets", changeable=True)
+    out: str = setting("", "run folder (default: Weight/<dataset>)", changeable=True)
+    epochs: int = setting(400, "training epochs")
+    batch_size: int = setting(8, "images per iteration (per process under torchrun); the last, smaller batch of "
+                                  "an epoch is used, as in the release")
+    lr: float = setting(1e-4, "Adam learning rate")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    poly_power: float = setting(0.9, "poly schedule: lr = base * (1 - it / total) ** power, stepped every iteration")
+    base_size: int = setting(256, "images resized to base_size x base_size as the release does (8-bit image "
+                                   "INTER_LINEAR then /255; mask INTER_NEAREST, labels mask/max)")
+    crop_size: int = setting(0, "> 0: train on random crops of this size (after the resize)")
+    mask_resampling: str = setting("release", "how masks are resized to base_size: release (cv2.INTER_NEAREST, "
+                                               "as the release; small targets' labels shift by up to half a pixel "
+                                               "against the image) or centres (nearest at pixel centres, aligned "
+                                               "with the image; this project's option)", MASK_RESAMPLING)
+    augment: str = setting("auto", "random flips and transpose: auto (sirst_aug only, as the release), on, off",
+                            AUGMENT_MODES)
+    model: DCONetConfig = field(default_factory=DCONetConfig)
+    mse_weight: float = setting(0.1, "loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)")
+    seed: int = setting(1, "seed of initialisation, shuffling, augmentation and the val split")
+    val_split: float = setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
+                                     "(0: validate on the test split, as the release)")
+    save_iter_step: int = setting(100, "also validate (and keep best.pkl) every this many iterations, as the "
+                                        "release's run does; 0: after each epoch only", changeable=True)
+    log_every: int = setting(10, "a log line (loss parts, lr, iterations/s, time left) every this many iterations; "
+                                  "0: none", changeable=True)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    amp: bool = setting(False, "CUDA mixed precision (bf16 where supported, else fp16 with loss scaling)", changeable=True)
+    memory_format: str = setting("contiguous", "activation layout in training: contiguous (NCHW) or channels_last "
+                                                "(NHWC: faster steps on the CPU, but PyTorch's channels_last "
+                                                "BatchNorm sums batch statistics less exactly)", MEMORY_FORMATS, changeable=True)
+    kernels: str = setting("fast", "training kernels: fast (the blocks' hand-written convolutions and backward "
+                                    "passes, the same results to float rounding, faster) or plain (the paper's "
+                                    "forward in plain PyTorch)", KERNELS, changeable=True)
+    checkpointing: bool = setting(False, "recompute each stage's activations in the backward pass: a fraction of "
+                                          "the memory for about 1.2-1.3x the step time; the same results", changeable=True)
+    workers: int = setting(-1, "DataLoader worker processes (-1: 2 on CUDA, 0 on CPU)", changeable=True)
+    vis_images: int = setting(4, "validation images shown in TensorBoard", changeable=True)
+    resume: bool = setting(False, "continue the run in the run folder from its latest.pkl", changeable=True)
+    overwrite: bool = setting(False, "start afresh in a run folder that already holds a run (its files are replaced)", changeable=True)
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
+        if self.mask_resampling not in MASK_RESAMPLING:
+            raise ValueError(f"mask_resampling must be one of {', '.join(MASK_RESAMPLING)}, "
+                             f"got {self.mask_resampling!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
+        for name in ("epochs", "batch_size", "base_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("crop_size", "save_iter_step", "log_every", "vis_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"val_split must lie in [0, 1), got {self.val_split}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: pick one")
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("Weight") / self.dataset
+
+    def augment_enabled(self) -> bool:
+        return self.augment == "on" or (self.augment == "auto" and self.dataset.lower() == "sirst_aug")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The inverse of ``to_dict``; also reads the flat layout of earlier versions (stage_num, device, ...
+        at the top level). Unknown keys are an error that names them."""
+        values = dict(values)
+        nested = {"model": (DCONetConfig, dict(values.pop("model", {}) or {})),
+                  "runtime": (RuntimeOptions, dict(values.pop("runtime", {}) or {}))}
+        for name, (kind, inner) in nested.items():
+            for f in fields(kind):
+                if f.name in values:
+                    inner.setdefault(f.name, values.pop(f.name))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**values, model=DCONetConfig(**nested["model"][1]), runtime=RuntimeOptions(**nested["runtime"][1]))
+
+
+def _flat_settings() -> list[tuple[str, object, dict]]:
+    """(name, default, metadata: help, choices, changeable) of every command-line setting, the nested model and
+    runtime settings flattened; the model's and the runtime's may always change on resume, see ``setting``."""
+    out = []
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            out += [(g.name, g.default, {"choices": None, "changeable": False, **g.metadata})
+                    for g in fields(DCONetConfig)]
+        elif f.name == "runtime":
+            out += [(g.name, g.default, dict(g.metadata)) for g in fields(RuntimeOptions)]
+        else:
+            out.append((f.name, f.default, dict(f.metadata)))
+    return out
+
+
+# Settings that may differ between a run and its resumption (marked in their fields); every other one must stay.
+CHANGEABLE_ON_RESUME = frozenset(name for name, _, meta in _flat_settings() if meta["changeable"])
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items())
+    parser = argparse.ArgumentParser(
+        description="Train DCONet with the authors' recipe; every default below is the release's. "
+                    f"With --dataset demo, settings not given default to {demo}.")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="start from the settings in FILE (a run folder's config.json); flags given too win")
+    for name, default, meta in _flat_settings():
+        flag, help_text, choices = flag_name(name), meta["help"], meta["choices"]
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=None, choices=choices,
+                                metavar=None if choices else name.upper(),
+                                help=f"{help_text} (default: {default})" if default != "" else help_text)
+    return parser
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """(TrainConfig, the names of the settings given on the command line). With --config FILE the settings
+    start from the file; with --dataset demo the settings left out come from DEMO_DEFAULTS."""
+    args = vars(build_arg_parser().parse_args(argv))
+    config_file = args.pop("config")
+    given = {k: v for k, v in args.items() if v is not None}
+    base: dict = {}
+    if config_file is not None:
+        try:
+            base = TrainConfig.from_dict(json.loads(Path(config_file).read_text())).to_dict()
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"--config {config_file}: not a readable training configuration ({error}); give a "
+                             f"config.json written by run_0.py") from None
+    flat = flatten_settings(base)
+    flat.update(given)
+    if flat.get("dataset") == "demo" and config_file is None:
+        flat.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in given})
+    return TrainConfig.from_dict(flat), frozenset(given)
+
+
+def flatten_settings(values: dict) -> dict:
+    """A ``TrainConfig.to_dict()`` with the model's and the runtime's settings at the top level, as the flags
+    name them."""
+    flat = {k: v for k, v in values.items() if k not in ("model", "runtime")}
+    for key in ("model", "runtime"):
+        flat.update(values.get(key, {}))
+    return flat

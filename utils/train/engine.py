@@ -1,0 +1,119 @@
+"""The training engine: one epoch of the release's recipe, and validation, as free functions returning dicts.
+
+    stats = train_one_epoch(net, loader, optimizer, scheduler, device=device, on_step=log_step)
+    scores = evaluate(optimize_for_inference(model), val_set, device=device)   # {"mIoU": ..., "Pd": ..., ...}
+
+Bookkeeping (run folders, checkpoints, logs, resume) is ``utils.train.run_dir``'s; the loop over epochs ``utils.train.loop``'s.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from utils.train import distributed as dist_utils
+from utils.data.datasets import target_pixels
+from utils.train.losses import dconet_loss
+from utils.train.run_dir import NonFiniteLoss
+from utils.score.metrics import Evaluator
+from utils.score.protocols import PRESETS
+
+# In-training validation, as the release's: pixels with T > 0 against the pixels at the mask's maximum, at the
+# training size, summed over the set (mIoU); the other scores by the standard protocol's rules.
+VALIDATION = replace(PRESETS["standard"], name="validation", seg_score="logit", seg_threshold=0.0,
+                     det_score="logit", det_threshold=0.0)
+
+
+def autocast_context(device: torch.device, bf16: bool = False, amp: bool = False):
+    """bf16 autocast (``bf16``, CPU or CUDA), CUDA mixed precision (``amp``), or nothing."""
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def _all_finite(loss: torch.Tensor, info: dist_utils.DistInfo) -> bool:
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    if info.enabled:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bad.item()
+
+
+def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device,
+                    scaler: torch.amp.GradScaler | None = None, mse_weight: float = 0.1,
+                    autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo(),
+                    on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``: loss = SoftIoU(T, mask) + mse_weight * MSE(D, image), Adam step, poly step.
+
+    ``on_step(step, parts)`` is called after every iteration (step 1-based) with the loss parts and ``lr``, the
+    learning rate that iteration used. Raises ``NonFiniteLoss`` (on every rank) before a non-finite loss
+    reaches the weights. Returns the epoch's mean loss parts, the last ``lr`` used and ``iterations``.
+    """
+    net.train()
+    sums: dict[str, float] = {}
+    lr = optimizer.param_groups[0]["lr"]
+    steps = 0
+    for steps, batch in enumerate(loader, 1):
+        image = batch["image"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        with autocast():
+            D, T = net(image)
+        loss, parts = dconet_loss(D, T, image, mask, mse_weight)
+        if not _all_finite(loss, info):
+            raise NonFiniteLoss(loss.item(), steps)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if on_step is not None:
+            on_step(steps, {**parts, "lr": lr})
+    return {**{key: value / max(steps, 1) for key, value in sums.items()}, "lr": lr, "iterations": steps}
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, dataset, indices: list[int], *, device: torch.device,
+                   batch_size: int = 8, autocast: Callable = nullcontext) -> dict[int, np.ndarray]:
+    """Target logits T (H, W) float32 of the given samples of ``dataset``, keyed by index, in eval mode."""
+    model.eval()
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        images = torch.stack([dataset[i]["image"] for i in chunk]).to(device)
+        with autocast():
+            _, T = model(images)
+        for i, t in zip(chunk, T.float().cpu().numpy()):
+            out[i] = t[0]
+    return out
+
+
+def evaluate(model: torch.nn.Module, dataset, *, device: torch.device, batch_size: int = 8,
+             autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo()) -> dict[str, float]:
+    """``VALIDATION`` scores of ``model`` on ``dataset`` (each rank predicts its share, rank 0 scores them all,
+    every rank gets the scores): {"mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC"}."""
+    shard = list(range(info.rank, len(dataset), info.world_size))
+    logits = predict_logits(model, dataset, shard, device=device, batch_size=batch_size, autocast=autocast)
+    gathered = dist_utils.gather_objects(info, logits)
+    scores = None
+    if info.is_main:
+        merged = {i: t for part in gathered for i, t in part.items()}
+        evaluator = Evaluator(VALIDATION)
+        for i in range(len(dataset)):
+            item = dataset[i]
+            evaluator.update(merged[i], target_pixels(item["mask"][0].numpy()), name=item["stem"])
+        scores = evaluator.compute()
+    return dist_utils.broadcast_object(info, scores)
