@@ -131,3 +131,19 @@ def test_refreshing_a_runs_curves_notes_a_failure_instead_of_raising(project_run
     assert refresh_run_curves(tmp_path / "empty", notes.append) is None
     assert len(notes) == 1 and notes[0].startswith("note: ") and "curves.png not drawn" in notes[0]
     assert "\n" not in notes[0]
+
+
+@pytest.mark.slow
+def test_a_training_run_draws_its_curves(tmp_path):
+    from run_0 import main
+    from utils.synthetic_sets import write_dataset
+
+    write_dataset(tmp_path / "data", "tiny", n_trainval=8, n_test=4, size=32, seed=3)
+    out = tmp_path / "run"
+    assert main(["--dataset", "tiny", "--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "4", "--base-size", "32", "--stage-num", "1", "--vis-images", "0"]) == 0
+    png = out / "curves.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    assert "not drawn" not in (out / "log.txt").read_text()
+    curves = read_curves(out)
+    assert curves.format == "project" and curves.val_iter == [2, 4] and curves.train_iter == [2, 4]
