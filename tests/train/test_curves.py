@@ -2,6 +2,8 @@
 training run that draws its own curves.png."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,31 @@ def test_refreshing_a_runs_curves_notes_a_failure_instead_of_raising(project_run
     assert refresh_run_curves(tmp_path / "empty", notes.append) is None
     assert len(notes) == 1 and notes[0].startswith("note: ") and "curves.png not drawn" in notes[0]
     assert "\n" not in notes[0]
+
+
+def _plot_curves(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "plot_curves.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_plot_curves_command(project_run, tmp_path):
+    out = tmp_path / "cmp.png"
+    done = _plot_curves(str(project_run), str(project_run / "log.txt"), "--out", str(out), "--labels", "a", "b")
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0 and "best mIoU 0.2500 at iteration 40" in done.stdout
+
+    unknown = tmp_path / "notes.txt"
+    unknown.write_text("nothing to see\n")
+    for args, message in [((str(tmp_path / "absent"), "--out", str(tmp_path / "x.png")), "absent does not exist"),
+                          ((str(unknown), "--out", str(tmp_path / "x.png")), "notes.txt: neither a log.txt"),
+                          ((str(project_run), "--out", str(out)), "cmp.png exists; pass --overwrite"),
+                          ((str(project_run), "--out", str(tmp_path / "x.png"), "--labels", "a", "b"), "--labels")]:
+        failed = _plot_curves(*args)
+        assert failed.returncode == 2, args
+        assert failed.stderr.startswith("plot_curves.py: ") and message in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+    assert not (tmp_path / "x.png").exists()
+    assert _plot_curves(str(project_run), "--out", str(out), "--overwrite").returncode == 0
 
 
 @pytest.mark.slow
