@@ -174,3 +174,14 @@ def test_a_training_run_draws_its_curves(tmp_path):
     assert "not drawn" not in (out / "log.txt").read_text()
     curves = read_curves(out)
     assert curves.format == "project" and curves.val_iter == [2, 4] and curves.train_iter == [2, 4]
+
+
+def test_overwrite_takes_away_the_old_runs_curves(tmp_path):
+    from utils.config import parse_command_line
+    from utils.run import prepare_run_dir
+
+    for name in ("latest.pkl", "log.txt", "curves.png"):
+        (tmp_path / name).write_bytes(b"old run")
+    config = parse_command_line(["--out", str(tmp_path), "--overwrite"])[0]
+    prepare_run_dir(config)
+    assert not (tmp_path / "curves.png").exists(), "a new run must not show the replaced run's curves"
