@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         best = run.best("mIoU")
         last = run.train_iter[-1] if run.train_iter else 0
         print(f"{run.label}: {run.format} log {run.source}, {len(run.train_iter)} loss points to iteration {last}, "
-              f"{len(run.val_iter)} validations"
+              f"{len(run.val_iter)} validation{'s' if len(run.val_iter) != 1 else ''}"
               + (f", best mIoU {best[1]:.4f} at iteration {best[0]}" if best else ""))
     try:
         plot_curves(runs, out, title=args.title, max_iteration=args.max_iteration)
