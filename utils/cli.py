@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from utils import ProjectError
 
-# Errors whose message is written for the user. The model's own (CheckpointError) and the data's are ValueErrors;
-# the training loop's are ProjectErrors.
-EXPLAINED = (ProjectError, ValueError, FileExistsError)
+# Errors whose message is written for the user: the model's own (CheckpointError) and the data's are ValueErrors,
+# the training loop's ProjectErrors; an OSError names its file (missing, unreadable, existing where refused).
+EXPLAINED = (ProjectError, ValueError, OSError)
 
 
 def run_script(script: str, body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:

@@ -5,7 +5,8 @@
 
 One epoch and validation are ``utils.train.engine``'s free functions; the run folder, checkpoints and logs are
 ``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the release's
-run does, and best.pkl keeps the best of all of them.
+run does, and best.pkl keeps the best of all of them; each validation redraws the run's curves.png from its
+log.txt (``utils.train.curves``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from utils.train.run_dir import (NonFiniteLoss, RunLog, format_duration, prepare
 from utils.io.runtime import resolve_device
 from utils.train.schedule import poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
+from utils.train.curves import refresh_run_curves
 
 
 def make_loader(dataset, config: TrainConfig, *, train: bool, epoch: int, info: dist_utils.DistInfo,
@@ -149,6 +151,8 @@ class Trainer:
                  + ", ".join(f"{k} {v:.4f}" if k != "Fa" else f"Fa {v * 1e6:.2f}e-6" for k, v in scores.items())
                  + f" - best mIoU {p['best_miou']:.4f} (epoch {p['best_epoch']}, iter {p['best_step']})"
                  + (" *" if improved else ""))
+        if self.info.is_main:
+            refresh_run_curves(self.run_dir, note=self.log)     # curves.png; a failure is only noted in the log
         return scores
 
     def _pictures(self, net) -> None:

@@ -1,7 +1,8 @@
 """A training run's bookkeeping: its folder, its checkpoints, its logs and how it resumes.
 
 A run folder holds ``best.pkl`` (best validation mIoU), ``latest.pkl`` (the whole training state after the last
-finished epoch), ``config.json``, ``log.txt`` and TensorBoard event files. Nothing in it is replaced silently:
+finished epoch), ``config.json``, ``log.txt``, ``curves.png`` (drawn from the log at each validation) and
+TensorBoard event files. Nothing in it is replaced silently:
 
 - a folder with a ``latest.pkl`` is continued with ``--resume`` or replaced with ``--overwrite``;
 - a folder left by a run stopped before its first checkpoint (logs only) is simply started again in place, its
@@ -25,7 +26,7 @@ from model import save_checkpoint
 from utils import ProjectError
 from utils.train.config import CHANGEABLE_ON_RESUME, TrainConfig, flatten_settings
 
-RUN_FILES = ("best.pkl", "latest.pkl", "config.json", "log.txt")
+RUN_FILES = ("best.pkl", "latest.pkl", "config.json", "log.txt", "curves.png")
 
 
 class TrainingError(ProjectError, RuntimeError):
