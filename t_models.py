@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device} "
           f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} image(s); "
           f"{geometry.describe()}; writing to {out}", flush=True)
-    net = prepare_model(model, device, bf16=runtime.bf16, compile=runtime.compile, fast=not args.plain)
+    net = prepare_model(model, device, bf16=runtime.bf16, compile=runtime.compile, plain=args.plain,
+                        sub_batch=args.batch_size)
     try:
         summary = export(net, source, out, geometry, options)
     except (ExportError, FileExistsError) as error:
