@@ -38,23 +38,23 @@ RELEASE_GFLOP = {"infer": 49.36, "train": 170.85}
 # Per stage, counted the same way on the release's formulation: stage 1, and each later stage (conv_c added).
 STAGE_GFLOP = {"infer": (8.860, 10.068), "train": (31.169, 34.895)}
 
-# Every variant but "paper" runs the model with its speed kernels on (DCONet.set_fast_kernels(True), as run_0.py
+# Every variant but "paper" runs the model with its speed kernels on (DCONet.use_kernels(True), as run_0.py
 # trains); "paper" runs the forward as the paper's equations read, to show what the kernels save.
 INFER_VARIANTS = {
     "paper": "DCONet.eval() under no_grad, float32, NCHW, speed kernels off",
-    "plain": "DCONet.eval().set_fast_kernels(True) under no_grad, float32, NCHW",
+    "plain": "DCONet.eval().use_kernels(True) under no_grad, float32, NCHW",
     "plain-cl": "DCONet.set_channels_last(True)",
     "plain-bf16": "DCONet under torch.autocast(bfloat16)",
-    "fast": "optimize_for_inference(model): folded, channels_last, one image at a time on CPU",
-    "fast-nchw": "optimize_for_inference(model, channels_last=False)",
-    "fast-batch": "optimize_for_inference(model, sub_batch=<whole batch>)",
-    "fast-bf16": "optimize_for_inference(model, bf16=True)",
-    "fast-compile": "optimize_for_inference(model, compile=True)",
-    "fast-bf16-compile": "optimize_for_inference(model, bf16=True, compile=True)",
+    "deploy": "deploy(model): folded, channels_last, one image at a time on CPU",
+    "deploy-nchw": "deploy(model, channels_last=False)",
+    "deploy-batch": "deploy(model, sub_batch=<whole batch>)",
+    "deploy-bf16": "deploy(model, bf16=True)",
+    "deploy-compile": "deploy(model, compile=True)",
+    "deploy-bf16-compile": "deploy(model, bf16=True, compile=True)",
 }
 TRAIN_VARIANTS = {
     "paper": "DCONet.train(), float32, NCHW, speed kernels off; Adam step, SoftIoU + 0.1 MSE",
-    "plain": "DCONet.train().set_fast_kernels(True), float32, NCHW; Adam step, SoftIoU + 0.1 MSE",
+    "plain": "DCONet.train().use_kernels(True), float32, NCHW; Adam step, SoftIoU + 0.1 MSE",
     "cl": "set_channels_last(True)",
     "ckpt": "set_checkpointing(True)",
     "cl-ckpt": "set_channels_last(True) and set_checkpointing(True)",
@@ -84,13 +84,13 @@ def plan(quick: bool, devices: list[str]) -> list[dict]:
     for device in devices:
         if quick:
             for batch in (1, 8):
-                for variant in ("plain", "fast", "fast-bf16"):
+                for variant in ("plain", "deploy", "deploy-bf16"):
                     add(device, "infer", variant, batch)
             for variant in ("plain", "cl", "cl-ckpt"):
                 add(device, "train", variant, 2)
             add(device, "train", "cl-ckpt", 8, reps=1)
-            add(device, "infer", "fast", 1, size=512, group="size")
-            add(device, "infer", "fast", 1, stages=1, group="stages")
+            add(device, "infer", "deploy", 1, size=512, group="size")
+            add(device, "infer", "deploy", 1, stages=1, group="stages")
             continue
         for batch in (1, 8):
             for variant in INFER_VARIANTS:
@@ -101,12 +101,12 @@ def plan(quick: bool, devices: list[str]) -> list[dict]:
                 if variant != "paper" or batch == 2:
                     add(device, "train", variant, batch, reps=2 if batch == 8 else None)
         for size in (256, 512, 1024):
-            for variant in ("plain", "fast", "fast-bf16"):
+            for variant in ("plain", "deploy", "deploy-bf16"):
                 add(device, "infer", variant, 1, size=size, group="size")
             for variant in ("plain", "cl-ckpt") if size < 1024 else ("cl-ckpt",):   # plain at 1024: > 24 GB
                 add(device, "train", variant, 1, size=size, group="size", reps=2)
         for stages in range(1, 8):
-            add(device, "infer", "fast", 1, stages=stages, group="stages")
+            add(device, "infer", "deploy", 1, stages=stages, group="stages")
             if stages % 2:
                 add(device, "train", "cl-ckpt", 1, stages=stages, group="stages", reps=2)
     return cases
@@ -136,24 +136,23 @@ def _build(case: dict):
 
     sys.path.insert(0, str(REPO))
     from model import DCONet, DCONetConfig
-    from model import optimize_for_inference
+    from model import deploy
 
     device = torch.device(case["device"])
     torch.manual_seed(0)
-    model = DCONet(DCONetConfig(stage_num=case["stages"])).to(device).set_fast_kernels(case["variant"] != "paper")
+    model = DCONet(DCONetConfig(stage_num=case["stages"])).to(device).use_kernels(case["variant"] != "paper")
     x = torch.rand(case["batch"], 1, case["size"], case["size"], device=device)
     variant = case["variant"]
     bf16 = "bf16" in variant
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not variant.startswith("fast"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not variant.startswith("deploy"))
 
     if case["kind"] == "infer":
         model.eval()
         if variant == "plain-cl":
             model.set_channels_last(True)
-        if variant.startswith("fast"):
-            net = optimize_for_inference(model, bf16=bf16, channels_last=variant != "fast-nchw",
-                                         compile="compile" in variant,
-                                         sub_batch=case["batch"] if variant == "fast-batch" else None)
+        if variant.startswith("deploy"):
+            net = deploy(model, bf16=bf16, channels_last=variant != "deploy-nchw", compile="compile" in variant,
+                         sub_batch=case["batch"] if variant == "deploy-batch" else None)
         else:
             net = model
 
@@ -297,7 +296,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per configuration")
     parser.add_argument("--cpu-malloc", choices=("system", "keep"), default="system",
                         help="the children's C library: its defaults (as the release was measured), or keeping "
-                             "freed memory for reuse, as run_0.py and t_models.py do on the CPU (utils/cpu_memory.py)")
+                             "freed memory for reuse, as run_0.py and t_models.py do on the CPU (utils/io/cpu_memory.py)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO)})")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

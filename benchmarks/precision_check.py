@@ -3,7 +3,7 @@
     python benchmarks/precision_check.py --weights Weight/NUAA-SIRST/best.pkl --dataset NUAA-SIRST --resize 256
 
 Every test image of <data-root>/<dataset>/test is predicted three times with the same weights: the model's own
-float32 forward (``prepare_model(fast=False)``), the folded module (``prepare_model()``, what t_models.py and
+float32 forward (``prepare_model(plain=True)``), the deploy form (``prepare_model()``, what t_models.py and
 validation run by default) and its bfloat16 variant (``--bf16``). The table gives each path's scores under both
 protocols and, per path, the largest |T - T_model| over the set relative to the largest |T_model|, and the
 largest |T - T_model| among the pixels with |T_model| < 2, where a change could move a pixel across the
@@ -29,7 +29,7 @@ from utils.export.predict import Geometry, predict, prepare_model  # noqa: E402
 from utils.score.metrics import Evaluator  # noqa: E402
 from utils.score.protocols import PRESETS  # noqa: E402
 
-PATHS = {"model fp32": dict(fast=False), "fast fp32": dict(fast=True), "fast bf16": dict(fast=True, bf16=True)}
+PATHS = {"model fp32": dict(plain=True), "deploy fp32": dict(), "deploy bf16": dict(bf16=True)}
 SHOWN = ("mIoU", "nIoU", "F1", "Pd", "Fa")
 NEAR = 2.0      # logits |T| < NEAR (sigmoid between 0.12 and 0.88): where a change can flip a pixel
 

@@ -1,6 +1,6 @@
 """Where the time goes: one configuration of bench_model.py, profiled by operator with torch.profiler.
 
-    python benchmarks/profile_model.py --kind infer --variant fast --batch 8
+    python benchmarks/profile_model.py --kind infer --variant deploy --batch 8
     python benchmarks/profile_model.py --kind train --variant cl-ckpt --batch 8 --rows 30
 
 Prints the operators sorted by their own time, grouped by input shape, for one call after two warm-up calls.
@@ -19,7 +19,7 @@ from bench_model import INFER_VARIANTS, TRAIN_VARIANTS, _build  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=("infer", "train"), default="infer")
-    parser.add_argument("--variant", default="fast",
+    parser.add_argument("--variant", default="deploy",
                         help=f"infer: {', '.join(INFER_VARIANTS)}; train: {', '.join(TRAIN_VARIANTS)}")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)

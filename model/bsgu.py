@@ -2,69 +2,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ops import add_to_border, conv_from_one, conv_to_one, conv_to_one_float, conv_with
-
-BAND_BYTES = 4 << 20   # deploy form on the CPU: rows per band of the gates chosen so that a band holds about this much
+from .capabilities import HasKernels, HasLayout, Reparameterizable
+from .kernels import compose_gate_kernel, gate_preactivations, gated_cell_in_bands
+from .ops import conv_to_one, conv_to_one_float, conv_with
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
 
-def compose_gate_kernel(wx: torch.Tensor, bx: torch.Tensor, wg: torch.Tensor,
-                        bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (4C, 1, 5, 5), bias (4C,)) of gates(conv_x(x)) as one convolution (padding 2), exact away from the
-    image's border ring. The kernels compose by full convolution: w[o, d] = sum_m sum_(a+b=d) wg[o, m, a] wx[m, b].
-
-    wx, bx: conv_x (C, 1, 3, 3), (C,); wg, bg: the gates (4C, C, 3, 3), (4C,)."""
-    weight = F.conv_transpose2d(wg, wx)                                  # (4C, C, 3, 3) x (C, 1, 3, 3) -> (4C, 1, 5, 5)
-    bias = bg + wg.sum(dim=(2, 3)) @ bx                                  # (4C,)
-    return weight, bias
-
-
-def gate_border(x: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wg: torch.Tensor,
-                bg: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """gates(conv_x(x)) on the top and bottom rows and on the left and right columns, computed the
-    two-convolution way from the three rows (columns) of x that they depend on: (top, bottom, left, right)."""
-
-    def edge(strip: torch.Tensor, rows: bool, keep: slice, pad: tuple[int, int, int, int]) -> torch.Tensor:
-        x1 = F.conv2d(strip, wx, bx, padding=1)                          # exact where it does not see the cut
-        x1 = x1[..., keep, :] if rows else x1[..., keep]                  # the two exact rows (columns)
-        return F.conv2d(F.pad(x1, pad), wg, bg)                          # one row (column) of gate inputs
-
-    top = edge(x[..., :3, :], True, slice(0, 2), (1, 1, 1, 0))           # (N, 4C, 1, W)
-    bottom = edge(x[..., -3:, :], True, slice(1, 3), (1, 1, 0, 1))
-    left = edge(x[..., :, :3], False, slice(0, 2), (1, 0, 1, 1))         # (N, 4C, H, 1)
-    right = edge(x[..., :, -3:], False, slice(1, 3), (0, 1, 1, 1))
-    return top, bottom, left, right
-
-
-def composite_border(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What the composed 5x5 convolution gives on the same strips as ``gate_border``."""
-    top = F.conv2d(F.pad(x[..., :3, :], (2, 2, 2, 0)), weight, bias)     # (N, 4C, 1, W)
-    bottom = F.conv2d(F.pad(x[..., -3:, :], (2, 2, 0, 2)), weight, bias)
-    left = F.conv2d(F.pad(x[..., :, :3], (2, 0, 2, 2)), weight, bias)    # (N, 4C, H, 1)
-    right = F.conv2d(F.pad(x[..., :, -3:], (0, 2, 2, 2)), weight, bias)
-    return top, bottom, left, right
-
-
-def gate_preactivations(x: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wg: torch.Tensor,
-                        bg: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
-    """gates(conv_x(x)) for a one-channel x (N, 1, H, W), H, W >= 3: (N, 4C, H, W).
-
-    One 5x5 convolution of x, then the border ring is corrected by the difference between the exact
-    two-convolution strips and the composed strips (all four strips are small)."""
-    weight, bias = compose_gate_kernel(wx, bx, wg, bg)
-    z = conv_from_one(x, weight, bias, nhwc)                              # (N, 4C, H, W)
-    exact, composed = gate_border(x, wx, bx, wg, bg), composite_border(x, weight, bias)
-    top, bottom, left, right = (e - c for e, c in zip(exact, composed))
-    return add_to_border(z, top, bottom, left[..., 1:-1, :], right[..., 1:-1, :])
-
-
-class BSGU(nn.Module):
+class BSGU(Reparameterizable, HasKernels, HasLayout):
     """One stage's target update, a gated, ConvLSTM-like cell.
 
     x = D - B + T;  x1 = conv_x(x)
@@ -74,18 +23,17 @@ class BSGU(nn.Module):
 
     (Release names: conv_g is cell_state; cell_bias is conv_c's bias, conv_c applied to zeros; conv_c is conv_c2.)
 
-    The same function computed faster, used with the fast kernels on (``DCONet.set_fast_kernels``) and in the
-    deploy form (``reparameterize``): conv_x feeds nothing but the gates, and both are linear, so the four
-    gates(conv_x(x)) run as one 5x5 convolution of the one-channel x (``compose_gate_kernel``): 4C * 25
-    multiply-adds per pixel instead of 4C * C * 9. Only on the image's outermost ring of pixels does the result
-    differ (there the gates see conv_x's zero padding); those four one-pixel strips are computed the
-    two-convolution way (``gate_border``). tanh(u) = 2 sigmoid(2u) - 1: with the cell candidate's rows doubled,
-    one sigmoid serves all four gates (sigmoid is several times cheaper than tanh on CPUs).
+    The same function computed faster, with the speed kernels on (``DCONet.use_kernels``) and in the deploy
+    form (``reparameterize``): the four gates(conv_x(x)) as one 5x5 convolution of the one-channel x, its
+    border ring corrected (``model.kernels``). tanh(u) = 2 sigmoid(2u) - 1: with the cell candidate's rows
+    doubled, one sigmoid serves all four gates (sigmoid is several times cheaper than tanh on CPUs).
 
     Args:
         channels: width of the cell state (32 in the release).
         first_stage: the first stage has no previous cell state; its c0 is a learnable bias.
     """
+
+    bf16_capable = True
 
     def __init__(self, channels: int = 32, first_stage: bool = True):
         super().__init__()
@@ -102,9 +50,6 @@ class BSGU(nn.Module):
         self.conv_o = _conv3x3(channels, channels)                 # output gate
         self.conv_g = _conv3x3(channels, channels)                 # cell candidate (the release's cell_state)
         self.conv_out = _conv3x3(channels, 1)
-        self.fast_kernels = False
-        self.nhwc = False      # write the gates in (N, H, W, C) layout (channels_last)
-        self.deployed = False
 
     def reset_parameters(self) -> None:
         """The release's initialisation: xavier-normal weights, zero biases, eps = 0.01. (The order of the draws
@@ -132,8 +77,8 @@ class BSGU(nn.Module):
         if self.deployed:
             return self._forward_deployed(x, c_prev)
         c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
-        if self.fast_kernels:
-            return self._forward_fast_kernels(x, c0)
+        if self.kernels:
+            return self._forward_kernels(x, c0)
         x1 = self.conv_x(x)                                        # (N, 1, H, W) -> (N, C, H, W)
         f = torch.sigmoid(self.conv_f(x1))                         # forget gate, (N, C, H, W)
         i = torch.sigmoid(self.conv_i(x1))                         # input gate
@@ -150,7 +95,7 @@ class BSGU(nn.Module):
         bias = torch.cat([self.conv_f.bias, self.conv_i.bias, self.conv_o.bias, 2.0 * self.conv_g.bias])
         return weight, bias
 
-    def _forward_fast_kernels(self, x: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_kernels(self, x: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """forward with the composed 5x5 gate convolution and the hand-written one-channel convolutions."""
         wg, bg = self._stacked_gates()                             # (4C, C, 3, 3), (4C,)
         z = gate_preactivations(x, self.conv_x.weight, self.conv_x.bias, wg, bg, nhwc=self.nhwc)   # (N, 4C, H, W)
@@ -181,32 +126,9 @@ class BSGU(nn.Module):
         self.deployed = True
 
     def _forward_deployed(self, x: torch.Tensor, c_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward in bands of rows: each band's gate tensor goes through the gating arithmetic while it is in
-        cache, so the full-resolution 4C-channel gate tensor is never formed. x stays float32; the gates run in
+        """forward in bands of rows (``model.kernels.gated_cell_in_bands``). x stays float32; the gates run in
         the dtype of the weights."""
-        C = self.channels
         xd = x.to(self.gates5.weight.dtype)
-        n, _, H, W = x.shape
-        top, bottom, left, right = gate_border(xd, self.conv_x.weight, self.conv_x.bias, self.gates.weight,
-                                               self.gates.bias)
-        c0 = self.cell_input(c_prev)                               # (1, C, 1, 1) or (N, C, H, W)
-        layout = torch.channels_last if self.nhwc else torch.contiguous_format
-        c = torch.empty(n, C, H, W, dtype=xd.dtype, device=x.device, memory_format=layout)
-        h = torch.empty_like(c)
-        rows = H if x.device.type != "cpu" else max(1, BAND_BYTES // (4 * C * W * xd.element_size() * n))
-        xp = F.pad(xd, (0, 0, 2, 2))                               # the 5x5's zero rows
-        w5, b5 = self.gates5.weight, self.gates5.bias
-        for r0 in range(0, H, rows):
-            r1 = min(H, r0 + rows)
-            z = F.conv2d(xp[:, :, r0:r1 + 4], w5, b5, padding=(0, 2))             # (N, 4C, r, W)
-            if r0 == 0:
-                z[:, :, :1] = top                                  # the exact border ring
-            if r1 == H:
-                z[:, :, -1:] = bottom
-            z[:, :, :, :1], z[:, :, :, -1:] = left[:, :, r0:r1], right[:, :, r0:r1]
-            f, i, o, s = z.sigmoid_().split(C, dim=1)              # s = sigmoid(2 g)
-            cb, hb = c[:, :, r0:r1], h[:, :, r0:r1]
-            torch.mul(f, c0 if self.first_stage else c0[:, :, r0:r1], out=cb)    # f * c0
-            cb.addcmul_(i, s.sub_(0.5), value=2.0)                 # + i * g, g = 2 (s - 1/2)
-            torch.mul(cb, 2.0, out=hb).sigmoid_().sub_(0.5).mul_(o)               # o * tanh(c) / 2
+        c, h = gated_cell_in_bands(xd, self.cell_input(c_prev), self.gates5.weight, self.gates5.bias,
+                                   self.conv_x.weight, self.conv_x.bias, self.gates.weight, self.gates.bias, self.nhwc)
         return x - conv_to_one_float(h, self.conv_out.weight, self.conv_out.bias), c   # x - conv_out(o tanh(c) eps)

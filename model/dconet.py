@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .bsgu import BSGU
+from .capabilities import HasKernels, HasLayout
 from .config import DCONetConfig
 from .dbem import DBEM
 from .ops import nhwc_weight
@@ -104,7 +105,7 @@ class DCONet(nn.Module):
 
     Three switches change how the forward computes, not what (each returns the model):
 
-    - ``set_fast_kernels(True)``: speed kernels, chiefly for training: the BSGU's gates as one composed 5x5
+    - ``use_kernels(True)``: speed kernels, chiefly for training: the BSGU's gates as one composed 5x5
       convolution, the one-channel convolutions' backward passes as matrix products (``model.ops``), the
       decoders' first 1x1 convolution applied before upsampling, the axial blocks as one depthwise convolution
       when no gradient is needed. Off by default, so that the forward runs as the paper's equations read.
@@ -114,7 +115,7 @@ class DCONet(nn.Module):
       memory of about one stage instead of K). Outputs, gradients and BatchNorm running statistics are those
       of the plain forward.
 
-    For inference, ``model.optimize_for_inference`` switches a copy to its blocks' deploy forms.
+    For inference, ``model.deploy`` switches a copy to its blocks' deploy forms.
     """
 
     def __init__(self, config: DCONetConfig | None = None):
@@ -130,12 +131,12 @@ class DCONet(nn.Module):
         self.checkpointing = bool(enabled)
         return self
 
-    def set_fast_kernels(self, enabled: bool = True) -> "DCONet":
+    def use_kernels(self, enabled: bool = True) -> "DCONet":
         """Compute the forward (and its backward pass) with the blocks' speed kernels: the same outputs to float
         rounding, several times less time in the one-channel convolutions and the BSGU's gates."""
         for module in self.modules():
-            if hasattr(module, "fast_kernels"):
-                module.fast_kernels = bool(enabled)
+            if isinstance(module, HasKernels):
+                module.kernels = bool(enabled)
         return self
 
     def set_channels_last(self, enabled: bool = True) -> "DCONet":
@@ -143,7 +144,7 @@ class DCONet(nn.Module):
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         with torch.no_grad():
             for module in self.modules():
-                if hasattr(module, "nhwc"):
+                if isinstance(module, HasLayout):
                     module.nhwc = bool(enabled)
                 # With one input channel a weight (C, 1, k, k) has the same strides in both layouts as far as
                 # ``.to`` can tell, so it is stored (C, k, k, 1) explicitly: oneDNN then writes the output NHWC.

@@ -1,13 +1,14 @@
-"""Speed kernels shared by the blocks' fast forms, and the weight algebra of their deploy forms.
+"""Speed kernels shared by the blocks, and the weight algebra of their deploy forms.
 
 DCONet works on one-channel images: several of its convolutions read one channel (C_in = 1) or write one
 (C_out = 1) at full resolution. oneDNN runs the backward passes of both, and the forward pass of C_out = 1, at
 a few GFLOP/s. Here those become matrix products over the k*k shifted copies of the one-channel plane, which
 run at matrix speed. Each function computes what ``F.conv2d`` computes (stride 1, 'same' zero padding), in
 NCHW or NHWC layout, to float rounding; the backward passes are written out so that no full-size temporary
-is made per tap. The autograd functions serve training when the model's fast kernels are on
-(``DCONet.set_fast_kernels``); the no-autograd helpers (``conv_to_one_float``, ``conv1x1``, ``max_pool2x2``)
-and ``fold_batchnorm`` serve the deploy forms (the blocks' ``reparameterize`` methods).
+is made per tap. The autograd functions serve training when the model's speed kernels are on
+(``DCONet.use_kernels``); the no-autograd helpers (``conv_to_one_float``, ``conv1x1``, ``max_pool2x2``)
+and ``fold_batchnorm`` serve the deploy forms (the blocks' ``reparameterize`` methods). The BSGU's gates as
+one composed convolution are in ``model.kernels``.
 """
 from __future__ import annotations
 

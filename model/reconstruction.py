@@ -4,16 +4,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .capabilities import HasKernels, HasLayout, Reparameterizable
 from .ops import conv_from_one, conv_to_one, conv_to_one_float, fold_batchnorm
 
 
-class Reconstruction(nn.Module):
+class Reconstruction(Reparameterizable, HasKernels, HasLayout):
     """D = M(x): conv3x3(1->C)+BN+ReLU, two x [conv3x3(C->C)+BN+ReLU], conv3x3(C->1).
 
-    With the fast kernels on (``DCONet.set_fast_kernels``) the one-channel convolutions at either end have their
+    With the speed kernels on (``DCONet.use_kernels``) the one-channel convolutions at either end have their
     backward passes (and the last one its forward) computed as matrix products (``model.ops``). The deploy form
     (``reparameterize``) folds every BatchNorm into its convolution.
     """
+
+    bf16_capable = True
 
     def __init__(self, channels: int = 32):
         super().__init__()
@@ -24,14 +27,11 @@ class Reconstruction(nn.Module):
             width_in = channels
         layers.append(nn.Conv2d(channels, 1, 3, padding=1))
         self.body = nn.Sequential(*layers)
-        self.fast_kernels = False
-        self.nhwc = False     # keep the C-channel activations in (N, H, W, C) layout (channels_last)
-        self.deployed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployed:
             return self._forward_deployed(x)
-        if not self.fast_kernels:
+        if not self.kernels:
             return self.body(x)                                     # (N, 1, H, W) -> (N, 1, H, W)
         first, last = self.body[0], self.body[-1]
         x = conv_from_one(x, first.weight, first.bias, self.nhwc)  # (N, 1, H, W) -> (N, C, H, W)

@@ -1,5 +1,5 @@
 """Shared test helpers: paths into ../shared (skipped with a reason when it is absent), the reference vectors and
-their tolerances, and a model without trivial parameters."""
+their tolerances, a model without trivial parameters, and both ways the model's forward can run (``kernels``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +33,13 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "fast"])
+def kernels(request) -> bool:
+    """Each test that takes this runs twice, as ``--kernels plain`` and ``--kernels fast`` train: False for the
+    paper's forward, True for the model's speed kernels (``DCONet.use_kernels``)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict:
     """The release's outputs, running statistics and gradients for a K = 2 model (../shared/reference)."""
@@ -58,3 +65,16 @@ def perturbed_model(stage_num: int, seed: int = 0):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter and BatchNorm statistic of ``module`` random (no trivially zero or one value)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return module

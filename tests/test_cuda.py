@@ -15,9 +15,9 @@ import torch
 import cal_from_mask
 import t_models
 from conftest import EVAL_ATOL, GRAD_RTOL, TRAIN_ATOL, shared_path
-from model import DCONet, from_release_state_dict, optimize_for_inference
-from model.fast import BF16_T_RTOL
-from model.checkpoint import release_gradients
+from model import DCONet, deploy, from_release_state_dict
+from model.deploy import BF16_T_RTOL
+from model.release import release_gradients
 from run_0 import main as train_main
 from utils.io.runtime import RuntimeOptions
 from utils.data.synthetic_sets import write_dataset
@@ -31,23 +31,21 @@ def cuda() -> torch.device:
     return device
 
 
-@pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast-kernels"])
-def test_eval_outputs_match_the_release_on_the_gpu(reference, cuda, fast_kernels):
-    model = from_release_state_dict(reference["state_dict"]).to(cuda).eval().set_fast_kernels(fast_kernels)
+def test_eval_outputs_match_the_release_on_the_gpu(reference, cuda, kernels):
+    model = from_release_state_dict(reference["state_dict"]).to(cuda).eval().use_kernels(kernels)
     with torch.no_grad():
         D, T = model(reference["input"].to(cuda))
     assert (D.cpu() - reference["eval"]["D"]).abs().max() < EVAL_ATOL
     assert (T.cpu() - reference["eval"]["T"]).abs().max() < EVAL_ATOL
-    deployed = optimize_for_inference(model)
+    deployed = deploy(model)
     D2, T2 = deployed(reference["input"].to(cuda))
     assert (T2 - T).abs().max() < 1e-4 and (D2 - D).abs().max() < 1e-4
-    _, T3 = optimize_for_inference(model, bf16=True)(reference["input"].to(cuda))
+    _, T3 = deploy(model, bf16=True)(reference["input"].to(cuda))
     assert (T3.float() - T).abs().max() < BF16_T_RTOL * T.abs().max()
 
 
-@pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast-kernels"])
-def test_training_forward_and_gradients_match_the_release_on_the_gpu(reference, cuda, fast_kernels):
-    model = from_release_state_dict(reference["state_dict"]).to(cuda).train().set_fast_kernels(fast_kernels)
+def test_training_forward_and_gradients_match_the_release_on_the_gpu(reference, cuda, kernels):
+    model = from_release_state_dict(reference["state_dict"]).to(cuda).train().use_kernels(kernels)
     x = reference["input"].to(cuda)
     D, T = model(x)
     assert (T.detach().cpu() - reference["train"]["T"]).abs().max() < TRAIN_ATOL

@@ -81,7 +81,7 @@ def test_export_of_a_sequence_finds_every_target_in_every_frame(kind, sequence, 
     truths = {truth.index: truth for _, truth in sequence}
     path, fps = (files.video, None) if kind == "video" else (files.frames, sequence.fps)
     source = FrameSource(path, fps=fps)
-    net = prepare_model(BackgroundSubtraction(sequence.background), "cpu", fast=False)
+    net = prepare_model(BackgroundSubtraction(sequence.background), "cpu", plain=True)
     out = tmp_path / "out"
     summary = export(net, source, out, Geometry(), ExportOptions(batch_size=4, json=True, fps=fps,
                                                                   annotate=tmp_path / "annotated.avi",
@@ -106,7 +106,7 @@ def test_export_of_still_images_and_the_one_frame_call(tmp_path):
     for (image, truth), name in zip(stills, "fedcba"):
         write_png(tmp_path / "stills" / f"{name}.png", np.round(image * 255).astype(np.uint8))
         truths[f"{name}.png"] = truth
-    net = prepare_model(BackgroundSubtraction(stills.background), "cpu", fast=False)
+    net = prepare_model(BackgroundSubtraction(stills.background), "cpu", plain=True)
     export(net, FrameSource(tmp_path / "stills"), tmp_path / "out", Geometry(),
            ExportOptions(save_masks=True, progress=False))
     rows = read_table(tmp_path / "out" / "detections.csv")
@@ -114,7 +114,7 @@ def test_export_of_still_images_and_the_one_frame_call(tmp_path):
     assert all(row["frame"] is None and row["time_s"] is None for row in rows)
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == sorted(truths)
 
-    detector = Detector(BackgroundSubtraction(stills.background), device="cpu", fast=False)
+    detector = Detector(BackgroundSubtraction(stills.background), device="cpu", plain=True)
     image = cv2.imread(str(tmp_path / "stills" / "a.png"), 0)
     probability, found = detector(image)
     assert probability.shape == image.shape and probability.dtype == np.float32
@@ -128,7 +128,7 @@ def test_resized_exports_report_targets_in_the_images_pixels(tmp_path):
     for index, (image, _) in enumerate(stills):
         write_png(tmp_path / "stills" / f"{index}.png", np.round(image * 255).astype(np.uint8))
     background = cv2.resize(stills.background, (64, 64), interpolation=cv2.INTER_LINEAR)
-    net = prepare_model(BackgroundSubtraction(background), "cpu", fast=False)
+    net = prepare_model(BackgroundSubtraction(background), "cpu", plain=True)
     export(net, FrameSource(tmp_path / "stills"), tmp_path / "out", Geometry(resize=64), ExportOptions(progress=False))
     rows = read_table(tmp_path / "out" / "detections.csv")
     for index, (_, truth) in enumerate(stills):

@@ -197,7 +197,7 @@ def test_detector_weights_in_image_in_probability_and_targets_out(tmp_path):
     np.testing.assert_allclose(probability, probability_from_logits(predict(net, image).T), atol=1e-6)
     assert found == detect(probability)
 
-    stand_in = Detector(Threshold(), device="cpu", fast=False, geometry=Geometry(resize=64))
+    stand_in = Detector(Threshold(), device="cpu", plain=True, geometry=Geometry(resize=64))
     image = np.zeros((48, 80), np.float32)
     image[20:24, 30:36] = 1.0
     probability, found = stand_in(image)

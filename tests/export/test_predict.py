@@ -7,8 +7,7 @@ import torch
 from scipy.special import expit
 from torch import nn
 
-from model import DCONet, DCONetConfig, StageOutput
-from model.fast import FastDCONet
+from model import DCONet, DCONetConfig, DeployedDCONet, StageOutput
 from utils.io.images import release_image
 from utils.export.predict import (Geometry, iter_predictions, pad_to_multiple, predict, prepare_model,
                              run_tiled, tile_cuts, tile_starts, to_png)
@@ -118,7 +117,7 @@ def test_batches_of_mixed_sizes_equal_one_by_one(net):
 
 def test_tiling_stitches_a_local_model_exactly():
     torch.manual_seed(0)
-    local = prepare_model(LocalModel(), "cpu", fast=False)
+    local = prepare_model(LocalModel(), "cpu", plain=True)
     image = scene(200, 330)
     for tile, overlap in ((64, 32), (128, 64), (96, 0)):
         whole = predict(local, image, Geometry(tile=0), return_stages=True)
@@ -160,12 +159,12 @@ def test_every_stage_is_returned():
     assert predict(two, scene(30, 40)).stages == []
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_bf16_returns_float32_close_to_float32(fast):
+@pytest.mark.parametrize("plain", [False, True])
+def test_bf16_returns_float32_close_to_float32(plain):
     torch.manual_seed(0)
     model = DCONet(DCONetConfig(stage_num=1))
-    bf16 = prepare_model(model, "cpu", bf16=True, fast=fast)
-    fp32 = prepare_model(model, "cpu", fast=fast)
+    bf16 = prepare_model(model, "cpu", bf16=True, plain=plain)
+    fp32 = prepare_model(model, "cpu", plain=plain)
     image = scene(32, 64)
     a, b = predict(fp32, image), predict(bf16, image)
     assert b.T.dtype == np.float32
@@ -173,22 +172,24 @@ def test_bf16_returns_float32_close_to_float32(fast):
     assert 0 < difference < 0.1, f"bf16 vs float32 max |dT| = {difference:.3g}"
 
 
-def test_the_fast_path_predicts_what_the_model_computes():
+def test_the_deploy_form_predicts_what_the_model_computes():
     torch.manual_seed(3)
     model = DCONet(DCONetConfig(stage_num=2))
-    fast, plain = prepare_model(model, "cpu"), prepare_model(model, "cpu", fast=False)
-    assert isinstance(fast.model, FastDCONet) and plain.model is model
+    deployed, plain = prepare_model(model, "cpu"), prepare_model(model, "cpu", plain=True)
+    assert isinstance(deployed, DeployedDCONet) and isinstance(plain, DeployedDCONet)
+    assert not deployed.plain and plain.plain and deployed.model.stages[0].bsgu.deployed
     image = scene(50, 70)
-    a, b = predict(fast, image, return_stages=True), predict(plain, image, return_stages=True)
+    a, b = predict(deployed, image, return_stages=True), predict(plain, image, return_stages=True)
     for stage_a, stage_b in zip(a.stages, b.stages):
         for name in ("B", "T", "D"):
             assert np.allclose(getattr(stage_a, name), getattr(stage_b, name), atol=1e-5), name
 
 
-def test_prepare_model_puts_the_model_in_eval_mode_on_the_device():
+def test_prepare_model_runs_a_copy_in_eval_mode_on_the_device():
     model = DCONet(DCONetConfig(stage_num=1)).train()
-    net = prepare_model(model, "cpu")
-    assert not model.training and net.config.stage_num == 1
+    net = prepare_model(model, "cpu", sub_batch=2)
+    assert model.training and not net.training and not net.model.training    # the model is left as it was
+    assert net.config.stage_num == 1 and net.device == torch.device("cpu") and net.sub_batch == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

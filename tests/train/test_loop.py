@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import utils.train.engine as engine
-from model import DCONet, DCONetConfig, load_checkpoint, load_model, optimize_for_inference
+from model import DCONet, DCONetConfig, deploy, load_checkpoint, load_model
 from run_0 import main
 from utils.train.config import DEMO_DEFAULTS, parse_command_line
 from utils.data.datasets import build_datasets
@@ -104,11 +104,11 @@ def test_validation_runs_the_folded_module_with_the_models_outputs(data_root):
     model = DCONet(DCONetConfig(stage_num=1)).set_channels_last(True)
     indices = list(range(len(test)))
     cpu = torch.device("cpu")
-    fast = engine.predict_logits(optimize_for_inference(model), test, indices, device=cpu)
+    deployed = engine.predict_logits(deploy(model), test, indices, device=cpu)
     plain = engine.predict_logits(model, test, indices, device=cpu)
-    assert sorted(fast) == indices
+    assert sorted(deployed) == indices
     for i in indices:
-        assert fast[i].shape == (32, 32) and np.allclose(fast[i], plain[i], atol=1e-5), i
+        assert deployed[i].shape == (32, 32) and np.allclose(deployed[i], plain[i], atol=1e-5), i
 
 
 def test_sigkill_then_resume_reaches_the_same_weights(data_root, tmp_path):

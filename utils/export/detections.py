@@ -193,7 +193,7 @@ class Detector:
         geometry: ``utils.export.predict.Geometry``; default for a weights file: the geometry it was trained with, as
             t_models.py chooses it (a release best.pkl: 256x256); for a model: native size.
         threshold, min_area: as in ``detect``.
-        bf16, fast: as in ``utils.export.predict.prepare_model`` (fast=False for a model that is not a DCONet).
+        bf16, plain: as in ``utils.export.predict.prepare_model`` (plain=True for a model that is not a DCONet).
 
     Calling it with a grayscale image (H, W) (uint8 or uint16 as ``utils.io.images.read_image`` gives it, or
     float32 in [0, 1]) returns (sigmoid(T) as float32 (H, W), list of ``Detection``) in the image's pixels: the
@@ -202,7 +202,7 @@ class Detector:
     """
 
     def __init__(self, model: Any, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
-                 min_area: int = 1, bf16: bool = False, fast: bool = True) -> None:
+                 min_area: int = 1, bf16: bool = False, plain: bool = False) -> None:
         from model import load_model                      # here: torch loads only when a network is needed
         from utils.export.predict import Geometry, prepare_model, trained_geometry
         if isinstance(model, (str, Path)):
@@ -211,7 +211,7 @@ class Detector:
         self.geometry = Geometry() if geometry is None else geometry
         self.threshold = threshold
         self.min_area = min_area
-        self.net = prepare_model(model, device, bf16=bf16, fast=fast)
+        self.net = prepare_model(model, device, bf16=bf16, plain=plain)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
         from utils.io.images import resize_linear

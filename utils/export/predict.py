@@ -14,7 +14,7 @@ all the context the whole frame gives. ``TILE_ATOL`` is the difference measured 
 
 Typical use (training code validating on images of any size)::
 
-    net = prepare_model(model, torch.device("cuda"))           # eval mode, on the device
+    net = prepare_model(model, torch.device("cuda"))           # a DeployedDCONet: deploy form, eval, on the device
     for prediction in iter_predictions(net, [("img1", image)], Geometry()):
         prediction.T                                            # (H, W) float32 logits
 """
@@ -29,7 +29,7 @@ import torch
 from scipy.special import expit
 from torch import nn
 
-from model import optimize_for_inference, unwrap
+from model import DeployedDCONet, deploy
 from model.dconet import SIZE_MULTIPLE, StageOutput
 from utils.io.images import release_image, to_unit
 from utils.io.runtime import resolve_device
@@ -133,56 +133,24 @@ def to_png(logits: np.ndarray) -> np.ndarray:
 # The model
 # ----------------------------------------------------------------------------------------------------------
 
-class InferenceModel(nn.Module):
-    """A DCONet prepared for inference: forward(x, return_stages) as DCONet's, outputs always float32.
-
-    Args:
-        model: the DCONet, the module of ``optimize_for_inference``, or what torch.compile made of either.
-        autocast_bf16: run the forward under torch.autocast(dtype=torch.bfloat16).
-        device_type: "cpu" or "cuda", for autocast.
-    """
-
-    def __init__(self, model: nn.Module, autocast_bf16: bool = False, device_type: str = "cpu"):
-        super().__init__()
-        self.model = model
-        self.autocast_bf16 = autocast_bf16
-        self.device_type = device_type
-
-    @property
-    def config(self):
-        return unwrap(self.model).config
-
-    def forward(self, x: torch.Tensor, return_stages: bool = False):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            out = self.model(x, return_stages=return_stages)
-        if not return_stages:
-            return tuple(t.float() for t in out)
-        D, T, stages = out
-        return D.float(), T.float(), [StageOutput(*(t.float() for t in s)) for s in stages]
-
-
 def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = False, compile: bool = False,
-                  fast: bool = True) -> InferenceModel:
-    """Move ``model`` to ``device``, put it in eval mode (in place) and wrap it for inference.
+                  plain: bool = False, sub_batch: int | None = None) -> DeployedDCONet:
+    """``model.deploy`` on a device given as the command line gives it ("auto", "cpu", "cuda", "cuda:N").
 
     Args:
-        bf16: bfloat16 arithmetic. With ``fast``, the BSGU and the reconstruction run in bfloat16
-            (``model.fast.BF16_BLOCKS``; T stays within ``BF16_T_RTOL`` of max |T| of float32); without, the whole
-            forward runs under torch.autocast. Outputs are float32 either way.
+        bf16: bfloat16 arithmetic. In the deploy form the BSGU and the reconstruction run in bfloat16 (T stays
+            within ``model.deploy.BF16_T_RTOL`` of max |T| of float32); with ``plain`` the whole forward runs
+            under torch.autocast. Outputs are float32 either way.
         compile: torch.compile the network (the first call of every input size then compiles, which takes minutes).
-        fast: run ``optimize_for_inference(model)``: BatchNorm folded, channels_last, the BSGU in bands; in
-            float32 the same outputs as the model to rounding (about 1e-6) in less time and memory. False runs the
-            model's own forward (for comparison and debugging).
+        plain: run the model's own forward instead of its deploy form (for comparison and debugging, and for a
+            stand-in module that is not a DCONet).
+        sub_batch: images per forward pass (``DeployedDCONet.sub_batch``); None: 1 on the CPU, all on a GPU.
 
-    Returns an ``InferenceModel``: call it as the DCONet, ``net(x)`` -> (D, T), ``net(x, True)`` -> (D, T, stages).
-    The folded copy takes the weights as they are now: prepare again after the weights change.
+    Returns a ``DeployedDCONet``: call it as the DCONet, ``net(x)`` -> (D, T), ``net(x, True)`` -> (D, T, stages).
+    It holds a copy of the weights as they are now (the model is left as it was): prepare again after they change.
     """
-    device = resolve_device(device)
-    model = model.to(device).eval()
-    if fast:
-        return InferenceModel(optimize_for_inference(model, bf16=bf16, compile=compile), device_type=device.type)
-    net = torch.compile(model) if compile else model
-    return InferenceModel(net, autocast_bf16=bf16, device_type=device.type)
+    return deploy(model, bf16=bf16, compile=compile, device=resolve_device(device), sub_batch=sub_batch,
+                  plain=plain)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -296,8 +264,8 @@ def iter_predictions(model: nn.Module, items: Iterable[tuple[str, np.ndarray]], 
     """Predictions for (name, image) pairs, images (H, W) of any sizes, as ``read_image`` gives them (uint8 or
     uint16) or float32 in [0, 1].
 
-    Images whose network inputs have the same size are batched together (``batch_size`` at most); a batch is
-    run as soon as it is full, or when the waiting images exceed ``MAX_PENDING_PIXELS``. Predictions therefore
+    Images whose network inputs have the same size are batched together (``batch_size`` at most; the prepared
+    model runs a batch ``model.sub_batch`` images per forward pass); a batch is run as soon as it is full, or when the waiting images exceed ``MAX_PENDING_PIXELS``. Predictions therefore
     come in completion order, not always in input order (in input order when batch_size is 1).
     ``model`` is a prepared model (``prepare_model``). With ``return_stages`` every stage's maps are kept
     (``Prediction.stages``; a one-stage model's single stage is B, T, D themselves).

@@ -1,7 +1,7 @@
 """The training engine: one epoch of the release's recipe, and validation, as free functions returning dicts.
 
     stats = train_one_epoch(net, loader, optimizer, scheduler, device=device, on_step=log_step)
-    scores = evaluate(optimize_for_inference(model), val_set, device=device)   # {"mIoU": ..., "Pd": ..., ...}
+    scores = evaluate(deploy(model), val_set, device=device)   # {"mIoU": ..., "Pd": ..., ...}
 
 Bookkeeping (run folders, checkpoints, logs, resume) is ``utils.train.run_dir``'s; the loop over epochs ``utils.train.loop``'s.
 """

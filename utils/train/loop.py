@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import DCONet, load_checkpoint, optimize_for_inference
+from model import DCONet, deploy, load_checkpoint
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.data.datasets import build_datasets
@@ -95,7 +95,7 @@ class Trainer:
 
         self.model = DCONet(config.model).to(self.device)
         self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
-        self.model.set_fast_kernels(config.kernels == "fast")
+        self.model.use_kernels(config.kernels == "fast")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
         fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
@@ -137,7 +137,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, float]:
         """Scores on the val split (the folded inference module: the model's eval outputs to rounding); a new
         best mIoU writes best.pkl. ``epoch``: the (1-based) epoch this validation happens in."""
-        net = optimize_for_inference(self.model, bf16=self.config.runtime.bf16)
+        net = deploy(self.model, bf16=self.config.runtime.bf16)
         scores = evaluate(net, self.data.val, device=self.device, batch_size=self.config.batch_size, info=self.info)
         p = self.progress
         improved = scores["mIoU"] > p["best_miou"]

@@ -10,7 +10,7 @@ import torch
 from conftest import reference_loss, shared_path
 from model import (CheckpointError, DCONet, DCONetConfig, from_release_state_dict, load_checkpoint, load_model,
                    save_checkpoint, to_release_state_dict)
-from model.checkpoint import _dead_release_shapes
+from model.release import _dead_release_shapes
 
 
 @pytest.fixture(scope="module")
