@@ -188,7 +188,8 @@ class Detector:
 
     Args:
         model: a weights file (a checkpoint of this project or a release ``best.pkl``, read by
-            ``model.load_model``) or a model with DCONet's call signature (forward(x) -> (D, T)).
+            ``model.load_model``) or a model with DCONet's call signature (forward(x) -> (D, T)); None: the
+            NUAA-SIRST model shipped in Weight/NUAA-SIRST/.
         device: "auto", "cpu", "cuda" or "cuda:N".
         geometry: ``utils.export.predict.Geometry``; default for a weights file: the geometry it was trained with, as
             t_models.py chooses it (a release best.pkl: 256x256); for a model: native size.
@@ -201,10 +202,13 @@ class Detector:
     the map is resized back (bilinear) and the detections scaled back (``to_image_pixels``).
     """
 
-    def __init__(self, model: Any, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
+    def __init__(self, model: Any = None, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
                  min_area: int = 1, bf16: bool = False, plain: bool = False) -> None:
         from model import load_model                      # here: torch loads only when a network is needed
         from utils.export.predict import Geometry, prepare_model, trained_geometry
+        from utils.export.writer import default_weights
+        if model is None:
+            model = default_weights(None)                 # the shipped NUAA-SIRST model
         if isinstance(model, (str, Path)):
             model, info = load_model(model)
             geometry = geometry if geometry is not None else trained_geometry(info)[0]

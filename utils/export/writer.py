@@ -277,10 +277,19 @@ def dataset_images(data_root: str | Path, name: str) -> tuple[Path, Path]:
     return folder, root / name / "test" / "masks"
 
 
+# The model this project ships: NUAA-SIRST, trained on two CPU cores (Weight/NUAA-SIRST/README.md). Found beside
+# the code, whatever the working folder.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "Weight" / "NUAA-SIRST" / "best.pkl"
+
+
 def default_weights(dataset: str | None, weight_root: str | Path = "Weight") -> Path:
-    """Weight/<dataset>/best.pkl, which training writes; an error that says what to do when it is absent."""
-    if dataset is None:
-        raise ExportError("no weights given: pass --weights FILE (a checkpoint of this project or a release best.pkl)")
+    """Weight/<dataset>/best.pkl, which training writes (for NUAA-SIRST: the shipped model unless a run of one's
+    own is there); without a data set, the shipped model. An error that says what to do when it is absent."""
+    if dataset is None or (dataset == "NUAA-SIRST" and not (Path(weight_root) / dataset / "best.pkl").is_file()):
+        if not SHIPPED_WEIGHTS.is_file():
+            raise ExportError(f"no weights given and the shipped model {SHIPPED_WEIGHTS} is missing: pass --weights "
+                              f"FILE (a checkpoint of this project or a release best.pkl)")
+        return SHIPPED_WEIGHTS
     path = Path(weight_root) / dataset / "best.pkl"
     if not path.is_file():
         raise ExportError(f"no weights given and {path} does not exist: train first "
