@@ -26,7 +26,7 @@ from utils.data.splits import DatasetWarning
 from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch
 from utils.train.run_dir import (NonFiniteLoss, RunLog, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
-from utils.io.runtime import resolve_device
+from utils.io.runtime import amp_dtype, resolve_device
 from utils.train.schedule import poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
 from utils.train.curves import refresh_run_curves
@@ -55,10 +55,11 @@ class Trainer:
     """One training run: its data, model, optimizer and schedule, and the progress a checkpoint keeps."""
 
     def __init__(self, config: TrainConfig, given: frozenset[str] = frozenset()):
-        self.info = dist_utils.init_distributed(resolve_device(config.runtime.device).type)
-        self.device, self.malloc = config.runtime.setup()
-        if self.device.type == "cuda" and self.info.enabled:
-            self.device = torch.device("cuda", self.info.local_rank)
+        device = resolve_device(config.runtime.device)
+        self.info = dist_utils.init_distributed(device.type)
+        if device.type == "cuda" and self.info.enabled:
+            device = torch.device("cuda", self.info.local_rank)
+        self.device, self.malloc = config.runtime.setup(fixed_sizes=True, device=device)
         self.run_dir, created = config.run_dir(), False
         if self.info.is_main:
             self.run_dir, created = prepare_run_dir(config)
@@ -96,14 +97,20 @@ class Trainer:
         self.model = DCONet(config.model).to(self.device)
         self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
         self.model.use_kernels(config.kernels == "fast")
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                          fused=True if self.device.type == "cuda" else None)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
         fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
-                and not torch.cuda.is_bf16_supported())
+                and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
         if payload is not None:
             self._restore(payload)
+        if config.sync_bn and self.info.enabled:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); leave it out on the CPU")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = self.model
         if self.info.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -117,7 +124,10 @@ class Trainer:
     def _restore(self, payload: dict) -> None:
         state = payload["train_state"]
         self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        fused = self.optimizer.param_groups[0]["fused"]      # this device's choice, not the saving run's
+        saved = {**state["optimizer"], "param_groups": [{**group, "fused": fused}
+                                                        for group in state["optimizer"]["param_groups"]]}
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -137,6 +147,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, float]:
         """Scores on the val split (the folded inference module: the model's eval outputs to rounding); a new
         best mIoU writes best.pkl. ``epoch``: the (1-based) epoch this validation happens in."""
+        dist_utils.broadcast_buffers(self.info, self.model)     # every rank validates (and saves) rank 0's model
         net = deploy(self.model, bf16=self.config.runtime.bf16)
         scores = evaluate(net, self.data.val, device=self.device, batch_size=self.config.batch_size, info=self.info)
         p = self.progress
@@ -165,6 +176,15 @@ class Trainer:
         self.log.images("val/image_mask_prediction", torch.stack(rows), self.progress["global_step"])
 
     # -- the loop ----------------------------------------------------------------------------------------
+    def _read_at(self, start: int):
+        """Which steps of an epoch starting after global step ``start`` read the loss: log lines, validations."""
+        config = self.config
+
+        def read_at(step: int) -> bool:
+            return bool((config.log_every and step % config.log_every == 0)
+                        or (config.save_iter_step and (start + step) % config.save_iter_step == 0))
+        return read_at
+
     def _on_step(self, epoch: int, bar, clock: dict):
         config, p = self.config, self.progress
 
@@ -183,12 +203,17 @@ class Trainer:
                          f"{p['global_step']}/{self.total_iterations}) - loss {parts['loss']:.4f} (soft_iou "
                          f"{parts['soft_iou']:.4f}, mse {parts['mse']:.5f}) - lr {parts['lr']:.3e} - "
                          f"{rate:.3f} it/s - left: epoch {format_duration(left_epoch)}, run "
-                         f"{format_duration(left_run)}")
+                         f"{format_duration(left_run)}" + self._gpu_memory())
             if (config.save_iter_step and p["global_step"] % config.save_iter_step == 0
                     and step < self.iters_per_epoch):
                 self.validate(epoch)
                 self.net.train()
         return on_step
+
+    def _gpu_memory(self) -> str:
+        if self.device.type != "cuda":
+            return ""
+        return f" - GPU memory peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
 
     def fit(self) -> dict:
         config, p = self.config, self.progress
@@ -218,8 +243,9 @@ class Trainer:
                     stats = train_one_epoch(self.net, loader, self.optimizer, self.scheduler, device=self.device,
                                             scaler=self.scaler, mse_weight=config.mse_weight, info=self.info,
                                             autocast=lambda: autocast_context(self.device, config.runtime.bf16,
-                                                                              config.amp),
-                                            on_step=self._on_step(epoch, bar, clock))
+                                                                              config.amp, config.amp_dtype),
+                                            on_step=self._on_step(epoch, bar, clock),
+                                            read_at=self._read_at(p["global_step"]))
                 except NonFiniteLoss as error:
                     raise error.at(epoch, self.run_dir)
                 p["epoch"] = epoch
