@@ -15,7 +15,6 @@ import time
 import warnings
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import DCONet, deploy, load_checkpoint
@@ -30,25 +29,7 @@ from utils.io.runtime import amp_dtype, resolve_device
 from utils.train.schedule import poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
 from utils.train.curves import refresh_run_curves
-
-
-def make_loader(dataset, config: TrainConfig, *, train: bool, epoch: int, info: dist_utils.DistInfo,
-                device: torch.device) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch): the same on a resumed run as on an unbroken one.
-    drop_last=False, as the release's: the last, smaller batch is trained on and the poly schedule counts it."""
-    workers = config.workers if config.workers >= 0 else (2 if device.type == "cuda" else 0)
-    sampler = None
-    if train:
-        dataset.set_epoch(epoch)
-        if info.enabled:
-            sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
-                                                          seed=config.seed, drop_last=False)
-            sampler.set_epoch(epoch)
-        else:
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      drop_last=False, pin_memory=device.type == "cuda")
+from utils.train.loader import make_loader, set_loader_epoch
 
 
 class Trainer:
@@ -90,8 +71,8 @@ class Trainer:
         self.notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
         for other in (w for w in caught if not issubclass(w.category, DatasetWarning)):
             warnings.warn(other.message, other.category)
-        self.iters_per_epoch = len(make_loader(self.data.train, config, train=True, epoch=0, info=self.info,
-                                               device=self.device))
+        self.loader = make_loader(self.data.train, config, train=True, epoch=0, info=self.info, device=self.device)
+        self.iters_per_epoch = len(self.loader)
         self.total_iterations = config.epochs * self.iters_per_epoch
 
         self.model = DCONet(config.model).to(self.device)
@@ -237,10 +218,9 @@ class Trainer:
             while p["epoch"] < config.epochs:
                 epoch = p["epoch"] + 1
                 bar.set_description(f"epoch {epoch}/{config.epochs}")
-                loader = make_loader(self.data.train, config, train=True, epoch=p["epoch"], info=self.info,
-                                     device=self.device)
+                set_loader_epoch(self.loader, p["epoch"])
                 try:
-                    stats = train_one_epoch(self.net, loader, self.optimizer, self.scheduler, device=self.device,
+                    stats = train_one_epoch(self.net, self.loader, self.optimizer, self.scheduler, device=self.device,
                                             scaler=self.scaler, mse_weight=config.mse_weight, info=self.info,
                                             autocast=lambda: autocast_context(self.device, config.runtime.bf16,
                                                                               config.amp, config.amp_dtype),
