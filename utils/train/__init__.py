@@ -1,6 +1,6 @@
 """Training: the settings (TrainConfig), the engine (train_one_epoch, evaluate: free functions returning dicts),
-the loss and the poly schedule, run folders (checkpoints, logs, resume), the training DataLoader, the epoch loop (fit), distributed
-set-up, and the run's learning curves."""
+the loss and the poly schedule, run folders (checkpoints, logs, resume), the training DataLoader, the epoch loop (fit),
+distributed set-up, and the run's learning curves."""
 from utils import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
