@@ -71,23 +71,25 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
                     scaler: torch.amp.GradScaler | None = None, mse_weight: float = 0.1,
                     autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo(),
                     on_step: Callable[[int, dict], None] | None = None,
-                    read_at: Callable[[int], bool] | None = None) -> dict[str, float]:
+                    read_at: Callable[[int], bool] | None = None,
+                    check_each_step: bool | None = None) -> dict[str, float]:
     """One pass over ``loader``: loss = SoftIoU(T, mask) + mse_weight * MSE(D, image), Adam step, poly step.
 
     The loss parts stay on the device until they are read: after the steps ``read_at(step)`` names (log lines,
     validations; every step when None) and at the epoch's end, all pending steps at once, so that the host
     queues work ahead of a GPU. Each read calls ``on_step(step, parts)`` for every step read, in order (step
     1-based; the parts averaged over the ranks, with ``lr``, the learning rate that iteration used). A
-    non-finite loss raises ``NonFiniteLoss`` (on every rank): on the CPU, where reading costs nothing, before
-    it reaches the weights; on a GPU at the next read. Returns the epoch's mean loss parts, the last ``lr``
-    used and ``iterations``.
+    non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: on the CPU, where
+    reading costs nothing) before it reaches the weights, else at the next read. Returns the epoch's mean loss
+    parts, the last ``lr`` used and ``iterations``.
     """
     net.train()
     sums = dict.fromkeys(PARTS, 0.0)
     lr = optimizer.param_groups[0]["lr"]
     steps = 0
     pending: list[tuple[int, torch.Tensor, float]] = []
-    check_each_step = device.type == "cpu"
+    if check_each_step is None:
+        check_each_step = device.type == "cpu"
 
     def read() -> None:
         for step, parts in read_parts(pending, info):
