@@ -92,6 +92,8 @@ class Trainer:
             if self.device.type != "cuda":
                 raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); leave it out on the CPU")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif config.sync_bn:
+            self.notes.append("--sync-bn changes nothing in a single process (it acts under torchrun)")
         self.net = self.model
         if self.info.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
