@@ -12,10 +12,14 @@ stopped on a non-finite loss, 2 on a problem the message explains, 130 when inte
 """
 import sys
 
-from utils.cli import run_script
-from utils.train.config import parse_command_line
-from utils.train.loop import fit
-from utils.train.run_dir import continue_hint
+from utils.io.cpu_memory import limit_openmp_spinning
+
+limit_openmp_spinning()   # before torch loads: spinning idle threads slow training on a busy CPU several times
+
+from utils.cli import run_script  # noqa: E402
+from utils.train.config import parse_command_line  # noqa: E402
+from utils.train.loop import fit  # noqa: E402
+from utils.train.run_dir import continue_hint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,8 +185,11 @@ def _build(case: dict):
 
 def child(case: dict) -> dict:
     sys.path.insert(0, str(REPO))
-    from utils.io.cpu_memory import configure_cpu_malloc
-    configure_cpu_malloc(case.get("cpu_malloc", "system"), "cpu")     # before the first large allocation
+    from utils.io.cpu_memory import limit_openmp_spinning
+    limit_openmp_spinning()                                 # before torch loads, as every script
+    from utils.io.runtime import RuntimeOptions
+    # the scripts' one set-up: TF32 convolutions and cudnn.benchmark on a GPU, the memory setting on the CPU
+    RuntimeOptions(device=case["device"], cpu_malloc=case.get("cpu_malloc", "system")).setup(fixed_sizes=True)
     import torch
     if case.get("threads"):
         torch.set_num_threads(case["threads"])

@@ -93,8 +93,9 @@ class MDCR(Reparameterizable):
         """Closed form of G sequential updates r <- (1 - m) r + m s_i, i = 0 first (x: (N, 4*G, H, W))."""
         norm, g = self.mix.norm, self.groups
         count = x.numel() // x.shape[1]
-        mean = x.mean(dim=(0, 2, 3)).view(g, -1).float()                      # (G, 4)
-        var = x.var(dim=(0, 2, 3), unbiased=count > 1).view(g, -1).float()    # (G, 4), unbiased as BatchNorm
+        x = x.float()                     # under autocast x is bf16 or fp16: the statistics are taken in float32
+        mean = x.mean(dim=(0, 2, 3)).view(g, -1)                              # (G, 4)
+        var = x.var(dim=(0, 2, 3), unbiased=count > 1).view(g, -1)            # (G, 4), unbiased as BatchNorm
         m = norm.momentum
         if m is None:
             raise ValueError("MDCR's shared BatchNorm needs a momentum (cumulative averaging is not supported)")

@@ -106,9 +106,9 @@ class DCONet(nn.Module):
     Three switches change how the forward computes, not what (each returns the model):
 
     - ``use_kernels(True)``: speed kernels, chiefly for training: the BSGU's gates as one composed 5x5
-      convolution, the one-channel convolutions' backward passes as matrix products (``model.ops``), the
-      decoders' first 1x1 convolution applied before upsampling, the axial blocks as one depthwise convolution
-      when no gradient is needed. Off by default, so that the forward runs as the paper's equations read.
+      convolution, on the CPU the one-channel convolutions' backward passes as matrix products (``model.ops``;
+      on a GPU those stay cuDNN's), the decoders' first 1x1 convolution applied before upsampling, the axial
+      blocks as one depthwise convolution when no gradient is needed. Off by default, so that the forward runs as the paper's equations read.
     - ``set_channels_last(True)``: weights and activations in (N, H, W, C) layout.
     - ``set_checkpointing(True)`` trades time for memory in training: each stage but the last keeps only its
       inputs for the backward pass and runs again there (one more forward pass of K - 1 stages; activation

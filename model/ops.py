@@ -9,12 +9,21 @@ is made per tap. The autograd functions serve training when the model's speed ke
 (``DCONet.use_kernels``); the no-autograd helpers (``conv_to_one_float``, ``conv1x1``, ``max_pool2x2``)
 and ``fold_batchnorm`` serve the deploy forms (the blocks' ``reparameterize`` methods). The BSGU's gates as
 one composed convolution are in ``model.kernels``.
+
+Per device: the matrix-product forms exist for oneDNN. On a GPU, cuDNN runs these shapes well, and the forms'
+per-image loops and k*k shifted adds would be hundreds of small kernel launches per step; there
+``conv_from_one``, ``conv_to_one`` and ``conv_to_one_float`` are one ``F.conv2d`` call (``_on_cpu``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _on_cpu(x: torch.Tensor) -> bool:
+    """Whether the matrix-product forms run for ``x``: on the CPU (oneDNN) yes, on a GPU cuDNN's convolution."""
+    return x.device.type == "cpu"
 
 
 def is_nhwc(x: torch.Tensor) -> bool:
@@ -124,6 +133,8 @@ def conv_from_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``nhwc`` returns the (N, C, H, W) result stored as (N, H, W, C) (channels_last)."""
     if weight.shape[1] != 1 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 != 1:
         raise ValueError(f"conv_from_one needs a (C, 1, k, k) weight with k odd, got {tuple(weight.shape)}")
+    if not _on_cpu(x):
+        return F.conv2d(x, nhwc_weight(weight) if nhwc else weight, bias, padding=weight.shape[-1] // 2)
     return _ConvFromOne.apply(x, weight, bias, nhwc)
 
 
@@ -171,8 +182,12 @@ class _ConvToOne(torch.autograd.Function):
 
 
 def conv_to_one_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The forward of ``conv_to_one`` (no autograd); the tap planes are summed in float32 at least."""
+    """The forward of ``conv_to_one`` (no autograd); the tap planes are summed in float32 at least (on a GPU:
+    one float32 convolution)."""
     c, k = weight.shape[1], weight.shape[-1]
+    if not _on_cpu(x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), padding=k // 2)
     n, _, h, w = x.shape
     taps = weight.reshape(c, k * k).t()                                   # (k*k, C), row ky * k + kx
     if is_nhwc(x):
@@ -197,6 +212,8 @@ def conv_to_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """conv2d with one output channel, weight (1, C, k, k), k odd, padding k // 2; x (N, C, H, W)."""
     if weight.shape[0] != 1 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 != 1:
         raise ValueError(f"conv_to_one needs a (1, C, k, k) weight with k odd, got {tuple(weight.shape)}")
+    if not _on_cpu(x):
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
     return _ConvToOne.apply(x, weight, bias)
 
 

@@ -146,7 +146,7 @@ def test_nuaa_detections_agree_with_the_standard_protocols_pd(tmp_path, capsys, 
     split = shared_path("data", "NUAA-SIRST", "test")
     out = tmp_path / "res"
     assert t_models.main(["--input", str(split / "images"), "--weights", str(weights), "--out", str(out),
-                          "--no-progress"]) in (0,)
+                          "--no-progress", "--device", "cpu"]) in (0,)
     assert cal_from_mask.main(["--pred-dir", str(out / "mat"), "--mask-dir", str(split / "masks"), "--protocol",
                                "standard", "--out", str(tmp_path / "eval")]) == 0
     capsys.readouterr()

@@ -68,7 +68,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    code = t_models.main([str(a) for a in argv] + ["--no-progress"])
+    code = t_models.main(["--device", "cpu"] + [str(a) for a in argv] + ["--no-progress"])   # a later --device wins
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -109,7 +109,8 @@ def score(tmp_path: Path, pred_dir: Path, mask_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def native_out(tmp_path_factory, data_root, weights) -> Path:
     out = tmp_path_factory.mktemp("native") / "tiny"
-    code = t_models.main(["--dataset", "tiny", "--data-root", str(data_root), "--weights", str(weights["project"]),
+    code = t_models.main(["--device", "cpu", "--dataset", "tiny", "--data-root", str(data_root),
+                          "--weights", str(weights["project"]),
                           "--out", str(out), "--batch-size", "2", "--no-progress", "--native"])
     assert code == 0
     return out

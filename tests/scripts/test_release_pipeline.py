@@ -51,7 +51,7 @@ def test_export_and_paper_protocol_reproduce_the_release(case, tmp_path, capsys)
 
     out = tmp_path / "results"
     assert t_models.main(["--input", str(split / "images"), "--weights", str(case / "weights_release.pkl"),
-                          "--out", str(out), "--no-progress"]) == 0
+                          "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].startswith("geometry: resized to 256x256 as the release does")
     assert f"K = {expected['stage_num']}" in printed

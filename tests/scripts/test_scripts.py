@@ -1,6 +1,7 @@
 """The three scripts as a newcomer meets them: --help, messages, what reaches the terminal."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -74,3 +75,25 @@ def test_every_unreadable_image_is_counted(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "error: 7 image(s) could not be read" in err and err.count("skipped: ") == 5
     assert (tmp_path / "out" / "mat" / "ok.mat").is_file()
+
+
+_SPIN_AT_TORCH_IMPORT = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "seen" not in globals():
+            globals()["seen"] = os.environ.get("GOMP_SPINCOUNT", "unset")
+        return None
+sys.meta_path.insert(0, Watch())
+import {script}
+print(seen)
+"""
+
+
+@pytest.mark.parametrize("script", ["run_0", "t_models"])
+def test_the_scripts_cap_openmp_spinning_before_torch_loads(script):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    result = subprocess.run([sys.executable, "-c", _SPIN_AT_TORCH_IMPORT.format(script=script)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1000"]

@@ -42,7 +42,7 @@ def data_root(tmp_path_factory) -> Path:
 
 def _args(data_root: Path, out: Path, *extra: str) -> list[str]:
     return ["--dataset", "tiny", "--data-root", str(data_root), "--out", str(out), "--batch-size", "4",
-            "--base-size", "32", "--stage-num", "1", "--lr", "1e-3", "--vis-images", "2", *extra]
+            "--base-size", "32", "--stage-num", "1", "--lr", "1e-3", "--vis-images", "2", "--device", "cpu", *extra]
 
 
 def test_defaults_are_the_release_recipe():

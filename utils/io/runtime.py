@@ -3,7 +3,12 @@
     options = RuntimeOptions(device="cuda:1", bf16=True)
     device, memory = options.setup()        # torch.device("cuda", 1), and what the C library does with memory
 
-Both scripts take the same flags for these (``add_runtime_arguments``), with the same meaning and help text.
+Every script takes the same flags for these (``add_runtime_arguments``), with the same meaning and help text,
+and calls the same ``setup``. On NVIDIA GPUs it applies the release's numerics: cuDNN convolutions may use TF32
+(PyTorch's default, and what the authors trained with), matrix products keep PyTorch's default (float32), and
+``strict_float32`` turns TF32 off everywhere. ``fixed_sizes`` (training, benchmarks) lets cuDNN pick the fastest
+algorithm per input size (``cudnn.benchmark``). On the CPU, OpenMP's idle spinning is capped by every script
+before torch loads (``utils.io.cpu_memory.limit_openmp_spinning``).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from utils.io.cpu_memory import MODES, configure_cpu_malloc
+from utils.io.cpu_memory import MODES, configure_cpu_malloc, limit_openmp_spinning
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -31,7 +36,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             raise ValueError(f"device {name!r} requested but PyTorch sees no CUDA GPU (torch {torch.__version__}); "
                              f"use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} requested but PyTorch sees {torch.cuda.device_count()} GPU(s)")
+            raise ValueError(f"device {name!r} requested but PyTorch sees {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     elif device.type != "cpu":
         raise ValueError(f"device {name!r}: this project runs on cpu or cuda")
     return device
@@ -65,25 +71,58 @@ class RuntimeOptions:
                                       "blocks to the system, up to 2x faster at batch 8 for a higher peak (auto: keep "
                                       "when computing on the CPU); system: the C library's defaults", MODES,
                               changeable=True)
-    tf32: bool = setting(False, "on NVIDIA GPUs, let float32 convolutions and matrix products use TF32: faster, "
-                                "about 1e-3 relative precision (off: float32 means float32 everywhere)",
-                         changeable=True)
+    strict_float32: bool = setting(False, "on NVIDIA GPUs, float32 means float32 everywhere: no TF32 in cuDNN's "
+                                          "convolutions (by default they use it, as PyTorch does and as the "
+                                          "release trained: about 1e-3 relative precision, several times faster "
+                                          "on A100/H100-class GPUs)", changeable=True)
 
     def __post_init__(self) -> None:
         if self.cpu_malloc not in MODES:
             raise ValueError(f"cpu_malloc must be one of {', '.join(MODES)}, got {self.cpu_malloc!r}")
 
-    def setup(self) -> tuple[torch.device, str]:
-        """The device, after applying the memory setting; returns (device, a note on memory for the log)."""
-        device = resolve_device(self.device)
+    @classmethod
+    def from_dict(cls, values: dict) -> "RuntimeOptions":
+        """The options stored in a run's config.json; ``tf32``, a setting of earlier versions, is dropped (TF32
+        convolutions are now the default, ``strict_float32`` the opposite)."""
+        return cls(**{k: v for k, v in values.items() if k not in RETIRED})
+
+    def setup(self, fixed_sizes: bool = False, device: torch.device | None = None) -> tuple[torch.device, str]:
+        """Apply the options and return (device, a note on memory for the log). ``device``: one already decided
+        (a torchrun rank's GPU); ``fixed_sizes``: inputs keep one size (training), so cuDNN may time its
+        algorithms once per size and keep the fastest."""
+        limit_openmp_spinning()        # effective where torch has not loaded libgomp yet (scripts call it first)
+        device = device if device is not None else resolve_device(self.device)
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.tf32
-            torch.backends.cudnn.allow_tf32 = self.tf32
+            torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
+            torch.backends.cudnn.allow_tf32 = not self.strict_float32
+            torch.backends.cuda.matmul.allow_tf32 = False      # PyTorch's default: float32 matrix products
+            torch.backends.cudnn.benchmark = fixed_sizes
         return device, configure_cpu_malloc(self.cpu_malloc, device.type)
 
 
+RETIRED = frozenset({"tf32"})   # runtime settings that earlier versions stored and this one ignores
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: NVIDIA compute capability 8.0 (Ampere) and up.
+    (``torch.cuda.is_bf16_supported`` also says yes where bfloat16 is emulated, slowly.)"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def amp_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The autocast dtype of CUDA mixed precision: ``choice`` bf16 or fp16, or auto: bfloat16 where the GPU has
+    it natively, else float16 (with loss scaling)."""
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp16":
+        return torch.float16
+    if choice != "auto":
+        raise ValueError(f"amp dtype must be auto, bf16 or fp16, got {choice!r}")
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, defaults: RuntimeOptions = RuntimeOptions()) -> None:
-    """--device, --bf16, --compile, --cpu-malloc and --tf32, with the same help in every script."""
+    """--device, --bf16, --compile, --cpu-malloc and --strict-float32, with the same help in every script."""
     group = parser.add_argument_group("where and how to run")
     for f in fields(RuntimeOptions):
         default = getattr(defaults, f.name)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from model import DCONetConfig
 from utils.io.images import MASK_RESAMPLING
-from utils.io.runtime import RuntimeOptions, flag_name, setting
+from utils.io.runtime import RETIRED, RuntimeOptions, flag_name, setting
 
 AUGMENT_MODES = ("auto", "on", "off")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 KERNELS = ("fast", "plain")
+AMP_DTYPES = ("auto", "bf16", "fp16")
 # A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
 DEMO_DEFAULTS = {"epochs": 12, "base_size": 64, "stage_num": 2, "lr": 1e-3}
 
@@ -60,12 +61,18 @@ class TrainConfig:
     log_every: int = setting(10, "a log line (loss parts, lr, iterations/s, time left) every this many iterations; "
                                   "0: none", changeable=True)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    amp: bool = setting(False, "CUDA mixed precision (bf16 where supported, else fp16 with loss scaling)", changeable=True)
+    amp: bool = setting(False, "CUDA mixed precision: bfloat16 on GPUs that have it natively (compute capability 8.0 "
+                               "and up), else float16 with loss scaling (--amp-dtype forces either)", changeable=True)
+    amp_dtype: str = setting("auto", "the dtype of --amp: auto, bf16 or fp16 (fp16 trains with loss scaling)",
+                             AMP_DTYPES, changeable=True)
+    sync_bn: bool = setting(False, "under torchrun on GPUs, BatchNorm statistics over the whole batch of all ranks "
+                                   "(SyncBatchNorm) instead of each rank's share", changeable=True)
     memory_format: str = setting("contiguous", "activation layout in training: contiguous (NCHW) or channels_last "
                                                 "(NHWC: faster steps on the CPU, but PyTorch's channels_last "
                                                 "BatchNorm sums batch statistics less exactly)", MEMORY_FORMATS, changeable=True)
-    kernels: str = setting("fast", "training kernels: fast (the blocks' hand-written convolutions and backward "
-                                    "passes, the same results to float rounding, faster) or plain (the paper's "
+    kernels: str = setting("fast", "training kernels: fast (the blocks' speed kernels, the same results to float "
+                                    "rounding: the BSGU's gates as one composed 5x5 convolution; on the CPU also "
+                                    "hand-written one-channel convolutions, on CUDA cuDNN's) or plain (the paper's "
                                     "forward in plain PyTorch)", KERNELS, changeable=True)
     checkpointing: bool = setting(False, "recompute each stage's activations in the backward pass: a fraction of "
                                           "the memory for about 1.2-1.3x the step time; the same results", changeable=True)
@@ -82,6 +89,8 @@ class TrainConfig:
                              f"got {self.mask_resampling!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
         for name in ("epochs", "batch_size", "base_size"):
@@ -115,11 +124,13 @@ class TrainConfig:
             for f in fields(kind):
                 if f.name in values:
                     inner.setdefault(f.name, values.pop(f.name))
+        for retired in RETIRED & set(values):
+            nested["runtime"][1].setdefault(retired, values.pop(retired))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training settings {unknown}")
-        return cls(**values, model=DCONetConfig(**nested["model"][1]), runtime=RuntimeOptions(**nested["runtime"][1]))
+        return cls(**values, model=DCONetConfig(**nested["model"][1]), runtime=RuntimeOptions.from_dict(nested["runtime"][1]))
 
 
 def _flat_settings() -> list[tuple[str, object, dict]]:

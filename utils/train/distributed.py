@@ -32,6 +32,11 @@ def init_distributed(device_kind: str) -> DistInfo:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(f"torchrun started local rank {local_rank} but this machine has {count} GPU(s) that "
+                             f"PyTorch sees: start at most {count} processes per node (--nproc_per_node {count}), "
+                             f"or train on the CPU with --device cpu")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
@@ -64,3 +69,20 @@ def gather_objects(info: DistInfo, value) -> list:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, in place: every rank then holds the model
+    rank 0 saves, and validation under torchrun scores that one model."""
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def mean_over_ranks(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the ranks (every rank gets it); one all-reduce."""
+    if not info.enabled:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / info.world_size

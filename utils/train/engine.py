@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from utils.io import runtime
 from utils.train import distributed as dist_utils
 from utils.data.datasets import target_pixels
 from utils.train.losses import dconet_loss
@@ -28,45 +29,82 @@ VALIDATION = replace(PRESETS["standard"], name="validation", seg_score="logit", 
                      det_score="logit", det_threshold=0.0)
 
 
-def autocast_context(device: torch.device, bf16: bool = False, amp: bool = False):
-    """bf16 autocast (``bf16``, CPU or CUDA), CUDA mixed precision (``amp``), or nothing."""
+def autocast_context(device: torch.device, bf16: bool = False, amp: bool = False, amp_dtype: str = "auto"):
+    """bf16 autocast (``bf16``, CPU or CUDA), CUDA mixed precision (``amp``, dtype per ``runtime.amp_dtype``), or
+    nothing."""
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=runtime.amp_dtype(device, amp_dtype))
     return nullcontext()
 
 
+PARTS = ("loss", "soft_iou", "mse")     # the loss parts, in the order the engine stacks them
+
+
 def _all_finite(loss: torch.Tensor, info: dist_utils.DistInfo) -> bool:
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    """Whether the loss is finite on every rank; reads it (the CPU's per-step check)."""
+    bad = torch.logical_not(torch.isfinite(loss)).to(torch.float32).reshape(1)
     if info.enabled:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bad.item()
+
+
+def read_parts(pending: list[tuple[int, torch.Tensor, float]],
+               info: dist_utils.DistInfo) -> list[tuple[int, dict[str, float]]]:
+    """The pending steps' loss parts as floats, averaged over the ranks: one all-reduce and one copy to the host
+    for them all. ``pending``: (step, parts stacked as ``PARTS`` (3,), lr used), emptied. Raises
+    ``NonFiniteLoss`` (on every rank) at the first step whose loss is not finite."""
+    rows = dist_utils.mean_over_ranks(info, torch.stack([row for _, row, _ in pending])).cpu()   # (S, 3)
+    finite = torch.isfinite(rows).all(dim=1).tolist()
+    out = []
+    for (step, _, lr), values, ok in zip(pending, rows.tolist(), finite):
+        if not ok:
+            raise NonFiniteLoss(values[0], step)
+        out.append((step, {**dict(zip(PARTS, values)), "lr": lr}))
+    pending.clear()
+    return out
 
 
 def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device,
                     scaler: torch.amp.GradScaler | None = None, mse_weight: float = 0.1,
                     autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo(),
-                    on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[int, dict], None] | None = None,
+                    read_at: Callable[[int], bool] | None = None,
+                    check_each_step: bool | None = None) -> dict[str, float]:
     """One pass over ``loader``: loss = SoftIoU(T, mask) + mse_weight * MSE(D, image), Adam step, poly step.
 
-    ``on_step(step, parts)`` is called after every iteration (step 1-based) with the loss parts and ``lr``, the
-    learning rate that iteration used. Raises ``NonFiniteLoss`` (on every rank) before a non-finite loss
-    reaches the weights. Returns the epoch's mean loss parts, the last ``lr`` used and ``iterations``.
+    The loss parts stay on the device until they are read: after the steps ``read_at(step)`` names (log lines,
+    validations; every step when None) and at the epoch's end, all pending steps at once, so that the host
+    queues work ahead of a GPU. Each read calls ``on_step(step, parts)`` for every step read, in order (step
+    1-based; the parts averaged over the ranks, with ``lr``, the learning rate that iteration used). A
+    non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: on the CPU, where
+    reading costs nothing) before it reaches the weights, else at the next read. Returns the epoch's mean loss
+    parts, the last ``lr`` used and ``iterations``.
     """
     net.train()
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(PARTS, 0.0)
     lr = optimizer.param_groups[0]["lr"]
     steps = 0
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    if check_each_step is None:
+        check_each_step = device.type == "cpu"
+
+    def read() -> None:
+        for step, parts in read_parts(pending, info):
+            for key in PARTS:
+                sums[key] += parts[key]
+            if on_step is not None:
+                on_step(step, parts)
+
     for steps, batch in enumerate(loader, 1):
         image = batch["image"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
         with autocast():
             D, T = net(image)
         loss, parts = dconet_loss(D, T, image, mask, mse_weight)
-        if not _all_finite(loss, info):
+        if check_each_step and not _all_finite(loss, info):
             raise NonFiniteLoss(loss.item(), steps)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
@@ -78,10 +116,11 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
             loss.backward()
             optimizer.step()
         scheduler.step()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value
-        if on_step is not None:
-            on_step(steps, {**parts, "lr": lr})
+        pending.append((steps, torch.stack([parts[key] for key in PARTS]), lr))
+        if read_at is None or read_at(steps):
+            read()
+    if pending:
+        read()
     return {**{key: value / max(steps, 1) for key, value in sums.items()}, "lr": lr, "iterations": steps}
 
 

@@ -15,7 +15,6 @@ import time
 import warnings
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import DCONet, deploy, load_checkpoint
@@ -26,39 +25,22 @@ from utils.data.splits import DatasetWarning
 from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch
 from utils.train.run_dir import (NonFiniteLoss, RunLog, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
-from utils.io.runtime import resolve_device
+from utils.io.runtime import amp_dtype, resolve_device
 from utils.train.schedule import poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
 from utils.train.curves import refresh_run_curves
-
-
-def make_loader(dataset, config: TrainConfig, *, train: bool, epoch: int, info: dist_utils.DistInfo,
-                device: torch.device) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch): the same on a resumed run as on an unbroken one.
-    drop_last=False, as the release's: the last, smaller batch is trained on and the poly schedule counts it."""
-    workers = config.workers if config.workers >= 0 else (2 if device.type == "cuda" else 0)
-    sampler = None
-    if train:
-        dataset.set_epoch(epoch)
-        if info.enabled:
-            sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
-                                                          seed=config.seed, drop_last=False)
-            sampler.set_epoch(epoch)
-        else:
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      drop_last=False, pin_memory=device.type == "cuda")
+from utils.train.loader import make_loader, set_loader_epoch
 
 
 class Trainer:
     """One training run: its data, model, optimizer and schedule, and the progress a checkpoint keeps."""
 
     def __init__(self, config: TrainConfig, given: frozenset[str] = frozenset()):
-        self.info = dist_utils.init_distributed(resolve_device(config.runtime.device).type)
-        self.device, self.malloc = config.runtime.setup()
-        if self.device.type == "cuda" and self.info.enabled:
-            self.device = torch.device("cuda", self.info.local_rank)
+        device = resolve_device(config.runtime.device)
+        self.info = dist_utils.init_distributed(device.type)
+        if device.type == "cuda" and self.info.enabled:
+            device = torch.device("cuda", self.info.local_rank)
+        self.device, self.malloc = config.runtime.setup(fixed_sizes=True, device=device)
         self.run_dir, created = config.run_dir(), False
         if self.info.is_main:
             self.run_dir, created = prepare_run_dir(config)
@@ -89,21 +71,29 @@ class Trainer:
         self.notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
         for other in (w for w in caught if not issubclass(w.category, DatasetWarning)):
             warnings.warn(other.message, other.category)
-        self.iters_per_epoch = len(make_loader(self.data.train, config, train=True, epoch=0, info=self.info,
-                                               device=self.device))
+        self.loader = make_loader(self.data.train, config, train=True, epoch=0, info=self.info, device=self.device)
+        self.iters_per_epoch = len(self.loader)
         self.total_iterations = config.epochs * self.iters_per_epoch
 
         self.model = DCONet(config.model).to(self.device)
         self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
         self.model.use_kernels(config.kernels == "fast")
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                          fused=True if self.device.type == "cuda" else None)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
         fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
-                and not torch.cuda.is_bf16_supported())
+                and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
         if payload is not None:
             self._restore(payload)
+        if config.sync_bn and self.info.enabled:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); leave it out on the CPU")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif config.sync_bn:
+            self.notes.append("--sync-bn changes nothing in a single process (it acts under torchrun)")
         self.net = self.model
         if self.info.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -117,7 +107,10 @@ class Trainer:
     def _restore(self, payload: dict) -> None:
         state = payload["train_state"]
         self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        fused = self.optimizer.param_groups[0]["fused"]      # this device's choice, not the saving run's
+        saved = {**state["optimizer"], "param_groups": [{**group, "fused": fused}
+                                                        for group in state["optimizer"]["param_groups"]]}
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -137,6 +130,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, float]:
         """Scores on the val split (the folded inference module: the model's eval outputs to rounding); a new
         best mIoU writes best.pkl. ``epoch``: the (1-based) epoch this validation happens in."""
+        dist_utils.broadcast_buffers(self.info, self.model)     # every rank validates (and saves) rank 0's model
         net = deploy(self.model, bf16=self.config.runtime.bf16)
         scores = evaluate(net, self.data.val, device=self.device, batch_size=self.config.batch_size, info=self.info)
         p = self.progress
@@ -165,6 +159,15 @@ class Trainer:
         self.log.images("val/image_mask_prediction", torch.stack(rows), self.progress["global_step"])
 
     # -- the loop ----------------------------------------------------------------------------------------
+    def _read_at(self, start: int):
+        """Which steps of an epoch starting after global step ``start`` read the loss: log lines, validations."""
+        config = self.config
+
+        def read_at(step: int) -> bool:
+            return bool((config.log_every and step % config.log_every == 0)
+                        or (config.save_iter_step and (start + step) % config.save_iter_step == 0))
+        return read_at
+
     def _on_step(self, epoch: int, bar, clock: dict):
         config, p = self.config, self.progress
 
@@ -183,12 +186,17 @@ class Trainer:
                          f"{p['global_step']}/{self.total_iterations}) - loss {parts['loss']:.4f} (soft_iou "
                          f"{parts['soft_iou']:.4f}, mse {parts['mse']:.5f}) - lr {parts['lr']:.3e} - "
                          f"{rate:.3f} it/s - left: epoch {format_duration(left_epoch)}, run "
-                         f"{format_duration(left_run)}")
+                         f"{format_duration(left_run)}" + self._gpu_memory())
             if (config.save_iter_step and p["global_step"] % config.save_iter_step == 0
                     and step < self.iters_per_epoch):
                 self.validate(epoch)
                 self.net.train()
         return on_step
+
+    def _gpu_memory(self) -> str:
+        if self.device.type != "cuda":
+            return ""
+        return f" - GPU memory peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
 
     def fit(self) -> dict:
         config, p = self.config, self.progress
@@ -212,14 +220,14 @@ class Trainer:
             while p["epoch"] < config.epochs:
                 epoch = p["epoch"] + 1
                 bar.set_description(f"epoch {epoch}/{config.epochs}")
-                loader = make_loader(self.data.train, config, train=True, epoch=p["epoch"], info=self.info,
-                                     device=self.device)
+                set_loader_epoch(self.loader, p["epoch"])
                 try:
-                    stats = train_one_epoch(self.net, loader, self.optimizer, self.scheduler, device=self.device,
+                    stats = train_one_epoch(self.net, self.loader, self.optimizer, self.scheduler, device=self.device,
                                             scaler=self.scaler, mse_weight=config.mse_weight, info=self.info,
                                             autocast=lambda: autocast_context(self.device, config.runtime.bf16,
-                                                                              config.amp),
-                                            on_step=self._on_step(epoch, bar, clock))
+                                                                              config.amp, config.amp_dtype),
+                                            on_step=self._on_step(epoch, bar, clock),
+                                            read_at=self._read_at(p["global_step"]))
                 except NonFiniteLoss as error:
                     raise error.at(epoch, self.run_dir)
                 p["epoch"] = epoch

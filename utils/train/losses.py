@@ -19,9 +19,10 @@ def soft_iou_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1.0)
 
 
 def dconet_loss(D: torch.Tensor, T: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
-                mse_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
-    """loss = SoftIoU(T, mask) + mse_weight * MSE(D, image). Returns (loss, its parts as floats)."""
+                mse_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """loss = SoftIoU(T, mask) + mse_weight * MSE(D, image). Returns (loss, its parts as detached 0-d tensors on
+    the loss's device: reading them waits for the device, so the training loop reads them only now and then)."""
     iou = soft_iou_loss(T, mask)
     mse = F.mse_loss(D.float(), image.float())
     loss = iou + mse_weight * mse
-    return loss, {"loss": loss.item(), "soft_iou": iou.item(), "mse": mse.item()}
+    return loss, {"loss": loss.detach(), "soft_iou": iou.detach(), "mse": mse.detach()}

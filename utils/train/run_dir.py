@@ -34,8 +34,9 @@ class TrainingError(ProjectError, RuntimeError):
 
 
 class NonFiniteLoss(TrainingError):
-    """The loss became NaN or inf: raised by the engine before the value reaches the weights; the loop adds
-    where (``at``) and the run stops, its latest.pkl keeping the last good state. Scripts exit with 1."""
+    """The loss became NaN or inf: raised by the engine (on the CPU before the value reaches the weights, on a
+    GPU when the loss is next read); the loop adds where (``at``) and the run stops, its latest.pkl keeping the
+    last good state. Scripts exit with 1."""
 
     exit_code = 1
 
@@ -152,8 +153,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # A run saved on G GPUs may resume on any number of them, or on the CPU: the GPUs both runs have take
+    # their saved states back, the others keep theirs (training draws nothing from the CUDA generators).
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""torchrun and the devices: LOCAL_RANK against the GPUs, validation of one model over ranks, the logged loss as
+the mean over ranks, and resuming a run saved with any number of GPUs."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import DCONet, DCONetConfig, deploy
+from utils.data.datasets import build_datasets
+from utils.data.synthetic_sets import write_dataset
+from utils.train import distributed as dist_utils
+from utils.train.engine import evaluate
+from utils.train.run_dir import rng_state, set_rng_state
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_local_rank_beyond_the_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"local rank 1 but this machine has 1 GPU.*--nproc_per_node 1"):
+        dist_utils.init_distributed("cuda")
+
+
+class _OneGPU:
+    """torch.cuda's RNG functions as on a machine with one GPU: ordinal 1 and up is invalid."""
+
+    def __init__(self):
+        self.restored = {}
+
+    def set_rng_state(self, state, device="cuda"):
+        index = torch.device(device).index if not isinstance(device, int) else device
+        index = 0 if index is None else index
+        if index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        self.restored[index] = state.clone()
+
+    def set_rng_state_all(self, states):
+        for index, state in enumerate(states):
+            self.set_rng_state(state, index)
+
+
+def test_a_run_saved_on_eight_gpus_resumes_on_one_and_on_the_cpu(monkeypatch):
+    random.seed(3)
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]   # as saved by 8 GPUs
+    expected = random.random()
+
+    gpu = _OneGPU()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", gpu.set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", gpu.set_rng_state_all)
+    set_rng_state(state)                                   # one GPU: it takes rank 0's state back
+    assert random.random() == expected
+    assert list(gpu.restored) == [0] and torch.equal(gpu.restored[0], state["cuda"][0])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    set_rng_state(state)                                   # the CPU: the CUDA states are not needed
+    assert random.random() == expected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_validation_under_two_ranks_scores_rank_0s_model_and_logs_the_mean_loss(tmp_path):
+    root = tmp_path / "data"
+    write_dataset(root, "tiny", n_trainval=8, n_test=6, size=32, seed=3)
+    out = tmp_path / "ddp"
+    args = ["--dataset", "tiny", "--data-root", str(root), "--out", str(out), "--batch-size", "2", "--base-size",
+            "32", "--stage-num", "1", "--vis-images", "0", "--device", "cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(REPO / "tests" / "train" / "_ddp_validation_worker.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    model = DCONet(DCONetConfig(stage_num=1))
+    model.load_state_dict(torch.load(out / "rank0.pt", weights_only=True))
+    val = build_datasets(root, "tiny", base_size=32, augment=False).val
+    alone = evaluate(deploy(model), val, device=torch.device("cpu"))
+    assert ranks[0]["scores"] == ranks[1]["scores"] == pytest.approx(alone, rel=1e-6, abs=1e-9)
+
+    for rank in ranks:            # rank r's parts were (1, 2, 4) * (r + 1): the mean over ranks is 1.5x
+        step, parts = rank["parts"][0]
+        assert step == 7 and parts == {"loss": 1.5, "soft_iou": 3.0, "mse": 6.0, "lr": 0.5}
