@@ -113,8 +113,9 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 def resumed_config(config: TrainConfig, stored: TrainConfig, given: frozenset[str]) -> TrainConfig:
-    """The stored run's settings with the runtime settings of ``config``; a recipe setting given now that
-    differs from the stored one is refused."""
+    """The stored run's settings (its data root, device, ... included), with those of ``config`` that were
+    ``given`` on the command line and may change on resume (``--epochs`` among them: a new total); a recipe setting
+    given now that differs from the stored one is refused."""
     flat_now, flat_stored = flatten_settings(config.to_dict()), flatten_settings(stored.to_dict())
     changed = sorted(k for k in given - CHANGEABLE_ON_RESUME if flat_now[k] != flat_stored[k])
     if changed:
@@ -122,7 +123,7 @@ def resumed_config(config: TrainConfig, stored: TrainConfig, given: frozenset[st
             "--resume continues a run with its own settings, but these differ from the stored ones: "
             + ", ".join(f"{k}={flat_now[k]!r} (run: {flat_stored[k]!r})" for k in changed)
             + "; drop them, or start a new run with --overwrite or another --out")
-    flat_stored.update({k: flat_now[k] for k in CHANGEABLE_ON_RESUME})
+    flat_stored.update({k: flat_now[k] for k in CHANGEABLE_ON_RESUME if k in given or k in ("resume", "overwrite")})
     return TrainConfig.from_dict(flat_stored)
 
 
