@@ -30,6 +30,7 @@ limit_openmp_spinning()   # before torch loads: spinning idle threads slow expor
 
 from model import load_model  # noqa: E402
 from utils.cli import run_script  # noqa: E402
+from utils.export.outputs import check_not_inputs  # noqa: E402
 from utils.export.writer import ExportOptions, dataset_images, default_weights, export  # noqa: E402
 from utils.io.images import quiet_opencv  # noqa: E402
 from utils.export.predict import Geometry, prepare_model, trained_geometry  # noqa: E402
@@ -85,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--overwrite", action="store_true", help="write over results already in the output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted export in the same output folder: images whose results are "
+                             "complete are kept and skipped, the rest are done (needs the maps: img/ and mat/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_arguments(parser)
     return parser.parse_args(argv)
@@ -115,8 +119,9 @@ def export_command(args: argparse.Namespace) -> int:
     options = ExportOptions(batch_size=args.batch_size or 1, maps={"auto": None, "on": True, "off": False}[args.maps],
                             threshold=args.threshold, json=args.json, save_masks=args.save_masks,
                             visualize=args.visualize, mask_dir=args.masks or mask_dir, annotate=annotate,
-                            fps=args.fps, strict=args.strict, overwrite=args.overwrite,
+                            fps=args.fps, strict=args.strict, overwrite=args.overwrite, resume=args.resume,
                             progress=not args.no_progress)
+    check_not_inputs([source.path, options.mask_dir, args.weights], out, options)
     weights = args.weights or default_weights(args.dataset)
     model, info = load_model(weights)
     geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
@@ -130,7 +135,8 @@ def export_command(args: argparse.Namespace) -> int:
     options = replace(options, batch_size=batch)
     summary = export(net, source, out, geometry, options)
     unit = "frame(s)" if source.kind == "video" else "image(s)"
-    print(f"wrote {summary.written} {unit} to {out} in {summary.seconds:.1f} s "
+    kept = f" (and kept the {summary.kept} an earlier export had finished)" if summary.kept else ""
+    print(f"wrote {summary.written} {unit}{kept} to {out} in {summary.seconds:.1f} s "
           f"({summary.per_second:.2f} {unit[:-3]}/s); "
           f"{summary.detections} target(s) in " + ", ".join(str(p) for p in summary.files)
           + (f"; {summary.panels} panel(s) in {out / 'vis'}" if args.visualize else ""))

@@ -28,8 +28,8 @@ def run_script(script: str, body: Callable[[], int], interrupted: Callable[[], s
     is reported as one line on stderr, ``<script>: error: <message>``, without a traceback."""
     try:
         return body()
-    except KeyboardInterrupt:
-        hint = interrupted() if interrupted else ""
+    except KeyboardInterrupt as stop:
+        hint = str(stop) or (interrupted() if interrupted else "")      # an interrupt that says what was kept
         print(f"{script}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except EXPLAINED as error:
