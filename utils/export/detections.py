@@ -216,12 +216,46 @@ class Detector:
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
         from utils.io.images import resize_linear
         from utils.export.predict import predict
-        image = np.asarray(image)
+        image = checked_image(image)
         probability = probability_from_logits(predict(self.net, image, self.geometry).T)
         found = to_image_pixels(detect(probability, self.threshold, self.min_area), probability.shape, image.shape)
         if probability.shape != image.shape:              # resize mode: back to the image's pixels
             probability = np.clip(resize_linear(probability, image.shape), 0.0, 1.0)
         return probability, found
+
+
+DETECTOR_INPUT = ("a grayscale image (H, W): uint8 (0..255) or uint16 (0..65535) as read from a file, or float "
+                  "in [0, 1]")
+
+
+def checked_image(image: Any) -> np.ndarray:
+    """``image`` as an array if it is what ``Detector`` takes (``DETECTOR_INPUT``); else a ValueError that says what
+    was given, what is expected and how to convert it."""
+    image = np.asarray(image)
+    given = f"got {image.dtype} {tuple(image.shape)}"
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}, a colour image: convert it, e.g. "
+                         f"cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)")
+    if image.ndim != 2:
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: pass one image at a time, its single channel "
+                         f"as (H, W) (e.g. image.squeeze())")
+    if min(image.shape) < 1:
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: the image is empty")
+    if image.dtype in (np.uint8, np.uint16):
+        return image
+    if image.dtype.kind != "f":
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: convert it, e.g. image.astype(np.uint8) for "
+                         f"8-bit values, or to float in [0, 1] (image / image.max() for data in another range)")
+    if not np.isfinite(image).all():
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given} with NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        hint = (" (0..255 values: divide by 255, or pass them as uint8)" if high <= 255.0 and low >= 0.0 else
+                " (0..65535 values: divide by 65535, or pass them as uint16)" if low >= 0.0 and high <= 65535.0
+                else "")
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given} with values in [{low:g}, {high:g}]: scale "
+                         f"them to [0, 1]{hint}")
+    return image
 
 
 def to_image_pixels(detections: list[Detection], map_shape: tuple[int, int],
