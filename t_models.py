@@ -128,7 +128,8 @@ def export_command(args: argparse.Namespace) -> int:
     print(f"geometry: {why}", flush=True)
     device, memory = runtime.setup()
     print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device} "
-          f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} image(s); "
+          f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} "
+          f"{'frame' if source.kind == 'video' else 'image'}(s); "
           f"{geometry.describe()}; writing to {out}", flush=True)
     batch = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH)     # decided here, once
     net = prepare_model(model, device, bf16=runtime.bf16, compile=runtime.compile, plain=args.plain, sub_batch=batch)

@@ -10,7 +10,7 @@ import torch
 
 from model import DCONet, DCONetConfig, StageOutput, to_release_state_dict
 from utils.export.detection_table import TABLE_COLUMNS, DetectionTable, read_table, table_rows
-from utils.export.detections import (Detection, Detector, detect, detect_logits, draw_detections, mask_image,
+from utils.export.detections import (Detection, Detector, detect, detect_logits, detection_label, draw_detections, mask_image,
                               probability_from_logits, to_image_pixels, write_mask)
 from utils.export.predict import Geometry, predict, prepare_model
 from utils.score.components import components
@@ -234,3 +234,10 @@ def test_detector_takes_uint8_uint16_and_unit_float_alike():
     for image in (unit, (unit * 255).astype(np.uint8), (unit * 65535).astype(np.uint16)):
         probability, found = detector(image)
         assert len(found) == 1 and abs(found[0].x - 32.5) < 0.6, image.dtype
+
+
+def test_a_drawn_label_keeps_id_and_score_apart():
+    """"1 1.00" read as "11.00" on annotated frames."""
+    found = Detection(id=1, x=5.0, y=5.0, x0=4, y0=4, x1=7, y1=7, area=9, peak=1.0, mean=0.9,
+                      threshold=0.5)
+    assert detection_label(found) == "#1: 1.00" and detection_label(found, show_score=False) == "#1"

@@ -102,3 +102,14 @@ def test_an_interrupted_export_keeps_its_results_and_resumes(tmp_path, weights, 
     for name in ("f0", "f3"):
         assert (out / "img" / f"{name}.png").read_bytes() == (straight / "img" / f"{name}.png").read_bytes()
     assert sorted(p.name for p in (out / "mat").iterdir()) == [f"f{i}.mat" for i in range(5)]
+
+
+def test_the_header_says_frames_for_a_video_and_no_tiles_when_resizing(tmp_path, weights, capsys):
+    clip = tmp_path / "clip.avi"
+    with FrameWriter(clip, fps=5.0) as video:
+        for i in range(3):
+            video.write(np.full((32, 32), 40 * i, np.uint8))
+    code, stdout, _ = run(capsys, "--input", clip, "--weights", weights, "--out", tmp_path / "out")
+    header = stdout.splitlines()[1]
+    assert code == 0 and f"video {clip}, 3 frame(s); resized to 32x32; writing to" in header, header
+    assert "tiles" not in header and "image(s)" not in header

@@ -383,3 +383,10 @@ def test_config_rejects_unknown_score():
         MetricConfig(seg_score="probability")
     with pytest.raises(ValueError, match="mask_rule"):
         MetricConfig(mask_rule="half")
+
+
+def test_each_protocol_states_the_size_it_scores_at():
+    """The standard protocol scores each map at its own size (128x128 for maps exported at the trained size),
+    which "native size" misstated."""
+    assert STANDARD.describe().startswith("standard: each prediction's own size (its mask brought to it);")
+    assert PAPER.describe().startswith("paper: resized to 256x256;")

@@ -274,6 +274,9 @@ def test_a_redirected_run_logs_progress_lines(data_root, tmp_path):
     printed = (tmp_path / "stdout.txt").read_text()
     for text in (printed, (out / "log.txt").read_text()):
         assert "epoch 1/1 iter 1/2 (total 1/2) - loss" in text and "it/s - left: epoch" in text
+        # each line time-stamped, on the console as in log.txt; Fa as a plain fraction ("Fa 3.30e-04")
+        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch 1/1 iter 1/2", text, re.MULTILINE), text[:300]
+        assert re.search(r"validation epoch 1/1 iter 2 - .*, Fa \d\.\d\de[-+]\d\d,", text), text[-600:]
     assert "\r" not in printed + result.stderr, "a progress bar was drawn into redirected output"
 
 

@@ -151,12 +151,17 @@ def write_mask(path: str | Path, probability: Any, threshold: float = 0.5, overw
 # Annotated frames
 # ----------------------------------------------------------------------------------------------------------
 
+def detection_label(detection: Detection, show_score: bool = True) -> str:
+    """The label drawn next to a detection: "#3: 0.97" (its id and peak probability), or "#3"."""
+    return f"#{detection.id}: {detection.peak:.2f}" if show_score else f"#{detection.id}"
+
+
 def draw_detections(image: np.ndarray, detections: Sequence[Detection], color: tuple[int, int, int] = (0, 255, 0),
                     scale: int = 1, show_score: bool = True) -> np.ndarray:
     """The frame with a box and a label per detection, as a new BGR uint8 image.
 
     Each box is drawn one pixel outside the component's bounding box (the target's own pixels stay visible);
-    its label is the id and, with ``show_score``, the peak probability ("3 0.97"), above the box or, at the
+    its label is the id and, with ``show_score``, the peak probability ("#3: 0.97"), above the box or, at the
     top edge, below it. ``scale`` enlarges the frame first (nearest neighbour; small infrared frames are
     hard to read at 1:1); the output is then ``scale`` times larger. ``color`` is BGR.
     """
@@ -171,7 +176,7 @@ def draw_detections(image: np.ndarray, detections: Sequence[Detection], color: t
         left, top = d.x0 * scale - 2, d.y0 * scale - 2          # one pixel of gap around the component
         right, bottom = d.x1 * scale + 1, d.y1 * scale + 1      # cv2.rectangle's corners are both inclusive
         cv2.rectangle(canvas, (left, top), (right, bottom), color, 1)
-        label = f"{d.id} {d.peak:.2f}" if show_score else f"{d.id}"
+        label = detection_label(d, show_score)
         (text_w, text_h), baseline = cv2.getTextSize(label, font, font_scale, thickness)
         text_x = min(max(left, 0), max(width - text_w, 0))
         text_y = top - 2 if top - 2 - text_h >= 0 else min(bottom + 2 + text_h, height - baseline)

@@ -160,7 +160,7 @@ class Trainer:
             self.log.scalars("val", scores, p["global_step"])
             self._pictures(net)
         self.log(f"validation epoch {epoch}/{self.config.epochs} iter {p['global_step']} - "
-                 + ", ".join(f"{k} {v:.4f}" if k != "Fa" else f"Fa {v * 1e6:.2f}e-6" for k, v in scores.items())
+                 + ", ".join(f"{k} {v:.4f}" if k != "Fa" else f"Fa {v:.2e}" for k, v in scores.items())
                  + f" - best mIoU {p['best_miou']:.4f} (epoch {p['best_epoch']}, iter {p['best_step']})"
                  + (" *" if improved else ""))
         if self.info.is_main:

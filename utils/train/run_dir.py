@@ -179,7 +179,7 @@ def save_run_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig,
 # ----------------------------------------------------------------------------------------------------------
 
 class RunLog:
-    """Lines to the console and to log.txt (time-stamped), scalars and pictures to TensorBoard; on rank 0 only.
+    """Lines to the console and to log.txt (both time-stamped), scalars and pictures to TensorBoard; on rank 0 only.
 
     Console lines go through tqdm.write, so that a progress bar on a terminal stays whole; redirected output
     gets the same lines (and no bar)."""
@@ -195,10 +195,11 @@ class RunLog:
     def __call__(self, line: str) -> None:
         if not self.enabled:
             return
-        tqdm.write(line, file=sys.stdout)
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"       # the same line on the console and in the log
+        tqdm.write(stamped, file=sys.stdout)
         sys.stdout.flush()
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            handle.write(stamped + "\n")
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
