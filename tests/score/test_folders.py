@@ -230,3 +230,13 @@ def test_per_image_csv_marks_empty_images_and_lists_missed_targets(tmp_path, cap
     assert rows["missed"]["IoU"] == "0.000000" and rows["missed"]["note"] == ""
     assert rows["missed"]["missed_targets_xy"] == "10.5 10.5" and rows["hit"]["missed_targets_xy"] == ""
     assert (rows["hit"]["height"], rows["hit"]["width"]) == ("32", "32")
+
+
+def test_a_report_is_never_written_into_an_input_folder(tmp_path, capsys):
+    """A report in the predictions' folder would add roc_paper.mat to the maps scored next time."""
+    pred_dir, mask_dir = write_case(tmp_path)
+    before = sorted(p.name for p in pred_dir.iterdir())
+    for out in (pred_dir, mask_dir):
+        rc, _, err = run(capsys, "--pred-dir", pred_dir, "--mask-dir", mask_dir, "--out", out, "--overwrite")
+        assert rc == 2 and "would be written into an input folder" in err and str(out) in err
+    assert sorted(p.name for p in pred_dir.iterdir()) == before
