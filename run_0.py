@@ -12,10 +12,12 @@ stopped on a non-finite loss, 2 on a problem the message explains, 130 when inte
 """
 import sys
 
-from utils.cli import run_script
-from utils.train.config import parse_command_line
-from utils.train.loop import fit
-from utils.train.run_dir import continue_hint
+from utils.cli import run_script, starting
+
+with starting("run_0.py", active=__name__ == "__main__"):      # a Ctrl-C while torch loads: one line
+    from utils.train.config import parse_command_line
+    from utils.train.loop import fit
+    from utils.train.run_dir import continue_hint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,18 +24,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from utils.cli import run_script, starting
 from utils.io.cpu_memory import limit_openmp_spinning
 
 limit_openmp_spinning()   # before torch loads: spinning idle threads slow exports on a busy CPU several times
 
-from model import load_model  # noqa: E402
-from utils.cli import run_script  # noqa: E402
-from utils.export.outputs import check_not_inputs  # noqa: E402
-from utils.export.writer import ExportOptions, dataset_images, default_weights, export  # noqa: E402
-from utils.io.images import quiet_opencv  # noqa: E402
-from utils.export.predict import Geometry, prepare_model, trained_geometry  # noqa: E402
-from utils.io.runtime import add_runtime_arguments, runtime_from_args  # noqa: E402
-from utils.io.video import FrameSource  # noqa: E402
+with starting("t_models.py", active=__name__ == "__main__"):     # a Ctrl-C while torch loads: one line
+    from model import load_model
+    from utils.export.outputs import check_not_inputs
+    from utils.export.predict import Geometry, prepare_model, trained_geometry
+    from utils.export.writer import ExportOptions, dataset_images, default_weights, export
+    from utils.io.images import quiet_opencv
+    from utils.io.runtime import add_runtime_arguments, runtime_from_args
+    from utils.io.video import FrameSource
 
 GPU_BATCH = 8   # images per forward pass on a GPU unless --batch-size says otherwise
 

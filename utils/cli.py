@@ -13,14 +13,36 @@ Exit codes, the same in every script:
 """
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from utils import ProjectError
 
 # Errors whose message is written for the user: the model's own (CheckpointError) and the data's are ValueErrors,
 # the training loop's ProjectErrors; an OSError names its file (missing, unreadable, existing where refused).
 EXPLAINED = (ProjectError, ValueError, OSError)
+
+
+@contextmanager
+def starting(script: str, active: bool = True):
+    """Around a script's heavy imports (torch takes seconds to load): a Ctrl-C meanwhile is held until they are
+    done (one interrupted half-way can leave a library broken and end in a long unrelated traceback), then the
+    script ends with one line, ``<script>: interrupted``, and exit status 130. ``active``: only when run as a
+    script (``__name__ == "__main__"``), so that importing the script changes nothing."""
+    if not active:
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        print(f"{script}: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
 
 
 def run_script(script: str, body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
