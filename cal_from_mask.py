@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from utils.cli import run_script
-from utils.score.folders import (PROTOCOLS, format_table, refuse_overwrite, report_files, resolve_folders,
+from utils.score.folders import (PROTOCOLS, format_table, refuse_inputs, refuse_overwrite, report_files, resolve_folders,
                               score_folders, write_report)
 from utils.score.protocols import METRIC_KEYS
 
@@ -58,7 +58,9 @@ def score(args: argparse.Namespace) -> int:
     pred_dir, mask_dir, name = resolve_folders(args.dataset, args.pred_dir, args.mask_dir, args.data_root,
                                                args.results_root)
     out_dir = Path(args.out) if args.out else Path("eval") / name
-    refuse_overwrite(report_files(out_dir, protocols) + ([Path(args.json)] if args.json else []), args.overwrite)
+    outputs = report_files(out_dir, protocols) + ([Path(args.json)] if args.json else [])
+    refuse_inputs(outputs, [pred_dir, mask_dir])
+    refuse_overwrite(outputs, args.overwrite)
     print(f"scoring {pred_dir} against {mask_dir}, protocol(s): {', '.join(protocols)}")
     evaluators = score_folders(pred_dir, mask_dir, protocols, args.png_is_binary, args.allow_missing)
     scores = {protocol: evaluator.compute() for protocol, evaluator in evaluators.items()}

@@ -16,10 +16,12 @@ from utils.io.cpu_memory import limit_openmp_spinning
 
 limit_openmp_spinning()   # before torch loads: spinning idle threads slow training on a busy CPU several times
 
-from utils.cli import run_script  # noqa: E402
-from utils.train.config import parse_command_line  # noqa: E402
-from utils.train.loop import fit  # noqa: E402
-from utils.train.run_dir import continue_hint  # noqa: E402
+from utils.cli import run_script, starting  # noqa: E402
+
+with starting("run_0.py", active=__name__ == "__main__"):      # a Ctrl-C while torch loads: one line
+    from utils.train.config import parse_command_line
+    from utils.train.loop import fit
+    from utils.train.run_dir import continue_hint
 
 
 def main(argv: list[str] | None = None) -> int:

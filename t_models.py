@@ -24,17 +24,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from utils.cli import run_script, starting
 from utils.io.cpu_memory import limit_openmp_spinning
 
 limit_openmp_spinning()   # before torch loads: spinning idle threads slow exports on a busy CPU several times
 
-from model import load_model  # noqa: E402
-from utils.cli import run_script  # noqa: E402
-from utils.export.writer import ExportOptions, dataset_images, default_weights, export  # noqa: E402
-from utils.io.images import quiet_opencv  # noqa: E402
-from utils.export.predict import Geometry, prepare_model, trained_geometry  # noqa: E402
-from utils.io.runtime import add_runtime_arguments, runtime_from_args  # noqa: E402
-from utils.io.video import FrameSource  # noqa: E402
+with starting("t_models.py", active=__name__ == "__main__"):     # a Ctrl-C while torch loads: one line
+    from model import load_model
+    from utils.export.outputs import check_not_inputs
+    from utils.export.predict import Geometry, prepare_model, trained_geometry
+    from utils.export.writer import ExportOptions, dataset_images, default_weights, export
+    from utils.io.images import quiet_opencv
+    from utils.io.runtime import add_runtime_arguments, runtime_from_args
+    from utils.io.video import FrameSource
 
 GPU_BATCH = 8   # images per forward pass on a GPU unless --batch-size says otherwise
 
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--overwrite", action="store_true", help="write over results already in the output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted export in the same output folder: images whose results are "
+                             "complete are kept and skipped, the rest are done (needs the maps: img/ and mat/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_arguments(parser)
     return parser.parse_args(argv)
@@ -115,22 +120,25 @@ def export_command(args: argparse.Namespace) -> int:
     options = ExportOptions(batch_size=args.batch_size or 1, maps={"auto": None, "on": True, "off": False}[args.maps],
                             threshold=args.threshold, json=args.json, save_masks=args.save_masks,
                             visualize=args.visualize, mask_dir=args.masks or mask_dir, annotate=annotate,
-                            fps=args.fps, strict=args.strict, overwrite=args.overwrite,
+                            fps=args.fps, strict=args.strict, overwrite=args.overwrite, resume=args.resume,
                             progress=not args.no_progress)
+    check_not_inputs([source.path, options.mask_dir, args.weights], out, options)
     weights = args.weights or default_weights(args.dataset)
     model, info = load_model(weights)
     geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
     print(f"geometry: {why}", flush=True)
     device, memory = runtime.setup()
     print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device} "
-          f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} image(s); "
+          f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} "
+          f"{'frame' if source.kind == 'video' else 'image'}(s); "
           f"{geometry.describe()}; writing to {out}", flush=True)
     batch = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH)     # decided here, once
     net = prepare_model(model, device, bf16=runtime.bf16, compile=runtime.compile, plain=args.plain, sub_batch=batch)
     options = replace(options, batch_size=batch)
     summary = export(net, source, out, geometry, options)
     unit = "frame(s)" if source.kind == "video" else "image(s)"
-    print(f"wrote {summary.written} {unit} to {out} in {summary.seconds:.1f} s "
+    kept = f" (and kept the {summary.kept} an earlier export had finished)" if summary.kept else ""
+    print(f"wrote {summary.written} {unit}{kept} to {out} in {summary.seconds:.1f} s "
           f"({summary.per_second:.2f} {unit[:-3]}/s); "
           f"{summary.detections} target(s) in " + ", ".join(str(p) for p in summary.files)
           + (f"; {summary.panels} panel(s) in {out / 'vis'}" if args.visualize else ""))

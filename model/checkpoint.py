@@ -23,22 +23,64 @@ FORMAT_NAME = "dconet"
 FORMAT_VERSION = 2   # 2: the BSGU's four gate convolutions as four modules (format 1 held them as one)
 
 
+EXPECTED = "expected a checkpoint written by run_0.py or an authors' best.pkl (torch.save of DCONet's state_dict)"
+
+# The first bytes of files that are often given as weights by mistake, and what they are.
+_NOT_WEIGHTS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"BM", "a BMP image"),
+                (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"GIF8", "a GIF image"),
+                (b"\x93NUMPY", "a NumPy .npy array"), (b"\x89HDF", "an HDF5 file (Keras or MATLAB 7.3)"),
+                (b"MATLAB", "a MATLAB .mat file"), (b"\x1aE\xdf\xa3", "a video (Matroska/WebM)"),
+                (b"RIFF", "a RIFF file (an AVI video or a WAV sound)"))
+
+
+def _what_it_is(head: bytes) -> str | None:
+    """What a file that starts with ``head`` is, when that is plainly not a PyTorch file (None otherwise)."""
+    for magic, kind in _NOT_WEIGHTS:
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":
+        return "an MP4/MOV video"
+    if b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if text.lstrip().startswith(("{", "[")):
+            return "a text file in JSON (a run's config.json, perhaps)"
+        return "a text file"
+    return None
+
+
 def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu"):
-    """torch.load(path, weights_only=True), with errors that name the file and say what to do."""
+    """torch.load(path, weights_only=True), with errors that name the file, say what it is and what was expected."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), as an interrupted download or copy leaves it; "
+                              f"{EXPECTED}: fetch or copy it again")
+    kind = _what_it_is(head)
+    if kind is not None:
+        raise CheckpointError(f"{path}: this is {kind}, not a PyTorch weights file; {EXPECTED}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise CheckpointError(f"{path}: a pickle that torch.save did not write (pickle.dump of something "
+                                  f"else?), not a PyTorch weights file; {EXPECTED}") from None
+        found = re.search(r"GLOBAL (\S+)", str(error))
         raise CheckpointError(
-            f"{path}: refused. The file holds Python objects beyond tensors and plain containers, and "
-            f"unpickling them could run arbitrary code. If you trust its origin, load it once in a separate "
-            f"script, save only its state_dict (torch.save(obj.state_dict(), ...)) and pass that file instead. "
-            f"({str(error).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file (truncated or not a checkpoint?): "
-                              f"{str(error).splitlines()[0]}") from None
+            f"{path}: refused. The file holds Python objects beyond tensors and plain containers "
+            f"({found[1] if found else 'a class'}), and unpickling them could run arbitrary code. If you trust its "
+            f"origin, load it once in a separate script, save only its state_dict (torch.save(obj.state_dict(), "
+            f"...)) and pass that file instead") from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:
+        what = "PyTorch zip archive" if head.startswith(b"PK\x03\x04") else "PyTorch file"
+        raise CheckpointError(f"{path}: a {what} that is truncated or damaged ({type(error).__name__}: "
+                              f"{str(error).split('. ')[0][:100] or 'unreadable'}); {EXPECTED}: fetch or "
+                              f"copy it again") from None
 
 
 def save_checkpoint(path: str | Path, model: DCONet, meta: dict | None = None, **extra) -> Path:
@@ -166,6 +208,16 @@ def model_from_payload(payload: dict, source: str) -> DCONet:
     return model
 
 
+def _describe(payload) -> str:
+    """A few words on what a loaded payload that is not DCONet's holds."""
+    if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        keys = sorted(map(str, payload))
+        return f"holds the state_dict of another network ({len(keys)} tensors, keys {', '.join(keys[:4])}, ...)"
+    if isinstance(payload, Mapping):
+        return f"holds a dict with keys {sorted(map(str, payload))[:6]}"
+    return f"holds a {type(payload).__name__}"
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DCONet, dict]:
     """Load a DCONet from either this project's checkpoint or a release best.pkl (detected, K inferred).
 
@@ -185,10 +237,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         if isinstance(payload, dict) and isinstance(payload.get("state_dict"), Mapping):
             state = payload["state_dict"]
         if not (isinstance(state, Mapping) and any(re.match(r"(module\.)?decos\.\d+\.", str(k)) for k in state)):
-            raise CheckpointError(f"{path}: neither a checkpoint of this project nor a DCONet release state_dict "
-                                  f"(found {type(state).__name__}"
-                                  + (f" with keys {sorted(map(str, state))[:5]}" if isinstance(state, Mapping) else "")
-                                  + ")")
+            raise CheckpointError(f"{path}: {_describe(state)}, not DCONet's; {EXPECTED}")
         model = from_release_state_dict(state, source)
         info = {"kind": "release", "meta": {}}
     info["config"] = model.config.to_dict()

@@ -1,5 +1,9 @@
 """Shared test helpers: paths into ../shared (skipped with a reason when it is absent), the reference vectors and
-their tolerances, a model without trivial parameters, and both ways the model's forward can run (``kernels``)."""
+their tolerances, a model without trivial parameters, and both ways the model's forward can run (``kernels``).
+
+The release's vectors come in two kinds: the portable ones in tests/reference/ (a K = 2 model whose weights are
+rebuilt from a seed, and a 12-map metric case), which every clone has, and the larger ones in
+../shared/reference/, which add coverage where they are present and are skipped otherwise."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+PORTABLE = REPO / "tests" / "reference"
 
 # Tolerances for this project against ../shared/reference/dconet_k2_seed0.pt (its README): eval-mode D and T,
 # train-mode D and T, BatchNorm running statistics (absolute), gradients (relative norm of the difference).
@@ -29,7 +34,8 @@ def shared_path(*parts: str) -> Path:
     """A path under ../shared; the calling test is skipped when it does not exist (a user's fresh clone)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent (reference data lives beside the repository, in ../shared)")
+        pytest.skip(f"needs {path}: the NUAA-SIRST data and the release's larger reference outputs live beside the "
+                    f"repository, in ../shared (a clone without it runs the portable vectors of tests/reference)")
     return path
 
 
@@ -40,10 +46,79 @@ def kernels(request) -> bool:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def reference() -> dict:
-    """The release's outputs, running statistics and gradients for a K = 2 model (../shared/reference)."""
-    return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)
+def _with_shared(*parts: str) -> list[str]:
+    """The kinds of a reference case to run: the portable one always, ../shared's where it is present (on a clone
+    without it, that variant is not collected rather than listed as skipped: the portable one covers it)."""
+    return ["portable"] + (["shared"] if SHARED.joinpath(*parts).exists() else [])
+
+
+@pytest.fixture(scope="session", params=_with_shared("reference", "dconet_k2_seed0.pt"))
+def reference(request) -> dict:
+    """The release's outputs, running statistics and gradients for a K = 2 model, from tests/reference (its
+    weights rebuilt from the recipe) and from ../shared/reference (skipped where absent), in one layout:
+    stage_num, state_dict, input, eval {D, T}, train {D, T, state_dict_after}, loss, grads."""
+    if request.param == "shared":
+        return torch.load(shared_path("reference", "dconet_k2_seed0.pt"), weights_only=True)
+    return portable_reference()
+
+
+def recipe_state_dict(stage_num: int, seed: int) -> dict[str, torch.Tensor]:
+    """The release-layout weights of tests/reference/README.md's recipe: one draw per key, keys in sorted order."""
+    from model import DCONet, DCONetConfig, to_release_state_dict
+
+    shapes = {k: v.shape for k, v in to_release_state_dict(DCONet(DCONetConfig(stage_num=stage_num))).items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key in sorted(shapes):
+        last, shape = key.rsplit(".", 1)[-1], shapes[key]
+        if last == "num_batches_tracked":
+            state[key] = torch.tensor(3)
+        elif last == "running_mean":
+            state[key] = 0.1 * torch.randn(shape, generator=g)
+        elif last == "running_var":
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        elif last == "epsilon_per_channel":
+            state[key] = 0.01 + 0.01 * torch.rand(shape, generator=g)
+        elif last == "weight" and len(shape) >= 2:
+            state[key] = 0.5 * torch.randn(shape, generator=g) * shape[1:].numel() ** -0.5
+        elif last == "weight":
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif last == "bias":
+            state[key] = 0.05 * torch.randn(shape, generator=g)
+        else:
+            raise AssertionError(f"the recipe has no rule for {key}")
+    return state
+
+
+def portable_reference() -> dict:
+    """tests/reference/dconet_k2_recipe.pt with its weights rebuilt, in the layout of ../shared's vectors."""
+    case = torch.load(PORTABLE / "dconet_k2_recipe.pt", weights_only=True)
+    state = recipe_state_dict(case["stage_num"], case["recipe_seed"])
+    assert set(state) == set(case["weight_checksums"]), "the release layout's keys differ from the recipe's"
+    for key, tensor in state.items():
+        assert tensor.double().sum().item() == pytest.approx(case["weight_checksums"][key], rel=1e-9, abs=1e-9), \
+            f"{key}: the recipe was rebuilt differently from tests/reference/README.md"
+    return {"stage_num": case["stage_num"], "state_dict": state, "input": case["input"], "eval": case["eval"],
+            "train": {**case["train"], "state_dict_after": case["stats_after_train_forward"]},
+            "loss": case["loss"], "grads": case["grads"]}
+
+
+@pytest.fixture(params=_with_shared("reference", "metric_case"))
+def metric_case(request) -> tuple[Path, dict]:
+    """(folder with mat/ and masks/, the numbers the release's scorer printed for it): tests/reference/metric_case
+    (12 maps, 6 printed decimals) and ../shared/reference/metric_case (30 maps; skipped where absent)."""
+    import json
+
+    case = PORTABLE / "metric_case" if request.param == "portable" else shared_path("reference", "metric_case")
+    return case, json.loads((case / "expected_paper_protocol.json").read_text())
+
+
+def release_printed(expected: dict, key: str):
+    """pytest.approx for a number the release printed: to 1e-9 relative where it was stored in full (the shared
+    case), to half its last printed decimal where it was printed with 6 (Fa with 8)."""
+    if "printed_by_the_release" not in expected:
+        return pytest.approx(expected[key], rel=1e-9, abs=0)
+    return pytest.approx(expected[key], rel=0, abs=5e-9 if key == "Fa" else 5e-7)
 
 
 def reference_loss(D: torch.Tensor, T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

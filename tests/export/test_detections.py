@@ -10,7 +10,7 @@ import torch
 
 from model import DCONet, DCONetConfig, StageOutput, to_release_state_dict
 from utils.export.detection_table import TABLE_COLUMNS, DetectionTable, read_table, table_rows
-from utils.export.detections import (Detection, Detector, detect, detect_logits, draw_detections, mask_image,
+from utils.export.detections import (Detection, Detector, detect, detect_logits, detection_label, draw_detections, mask_image,
                               probability_from_logits, to_image_pixels, write_mask)
 from utils.export.predict import Geometry, predict, prepare_model
 from utils.score.components import components
@@ -204,3 +204,40 @@ def test_detector_weights_in_image_in_probability_and_targets_out(tmp_path):
     assert probability.shape == (48, 80), "resize mode: the map comes back at the image's size"
     assert len(found) == 1 and abs(found[0].x - 32.5) < 0.6 and abs(found[0].y - 21.5) < 0.6
     assert isinstance(found[0], Detection)
+
+
+@pytest.mark.parametrize("image, words", [
+    (np.full((48, 80), 40.0, np.float32), ["values in [40, 40]", "divide by 255, or pass them as uint8"]),
+    (np.full((48, 80), 4000.0), ["values in [4000, 4000]", "divide by 65535, or pass them as uint16"]),
+    (np.full((48, 80), -1.0, np.float32), ["values in [-1, -1]", "scale them to [0, 1]"]),
+    (np.full((48, 80), np.nan, np.float32), ["NaN or infinite"]),
+    (np.zeros((48, 80, 3), np.uint8), ["got uint8 (48, 80, 3), a colour image", "cv2.COLOR_BGR2GRAY"]),
+    (np.zeros((2, 48, 80), np.uint8), ["got uint8 (2, 48, 80)", "one image at a time"]),
+    (np.zeros((48, 80), np.int32), ["got int32 (48, 80)", "image.astype(np.uint8)"]),
+])
+def test_detector_refuses_input_it_would_misread(image, words):
+    """A float image in 0..255 once gave three targets (two of them corners) instead of one; every input the
+    Detector would misread is refused with what it expects and how to convert."""
+    detector = Detector(Threshold(), device="cpu", plain=True, geometry=Geometry(resize=64))
+    with pytest.raises(ValueError) as info:
+        detector(image)
+    message = str(info.value)
+    assert message.startswith("Detector expects a grayscale image (H, W): uint8 (0..255) or uint16")
+    for word in words:
+        assert word in message, message
+
+
+def test_detector_takes_uint8_uint16_and_unit_float_alike():
+    detector = Detector(Threshold(), device="cpu", plain=True, geometry=Geometry(resize=64))
+    unit = np.zeros((48, 80), np.float32)
+    unit[20:24, 30:36] = 1.0
+    for image in (unit, (unit * 255).astype(np.uint8), (unit * 65535).astype(np.uint16)):
+        probability, found = detector(image)
+        assert len(found) == 1 and abs(found[0].x - 32.5) < 0.6, image.dtype
+
+
+def test_a_drawn_label_keeps_id_and_score_apart():
+    """"1 1.00" read as "11.00" on annotated frames."""
+    found = Detection(id=1, x=5.0, y=5.0, x0=4, y0=4, x1=7, y1=7, area=9, peak=1.0, mean=0.9,
+                      threshold=0.5)
+    assert detection_label(found) == "#1: 1.00" and detection_label(found, show_score=False) == "#1"

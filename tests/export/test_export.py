@@ -266,7 +266,7 @@ def test_an_output_folder_with_results_is_kept_unless_overwrite(tmp_path, data_r
     assert run(capsys, "--input", image, "--weights", weights["project"], "--out", out)[0] == 0
     stamp = (out / "mat" / "b.mat").stat().st_mtime_ns
     code, _, err = run(capsys, "--input", image, "--weights", weights["project"], "--out", out)
-    assert code == 2 and "already holds" in err and "--overwrite" in err
+    assert code == 2 and f"results exist already and are kept: {out}" in err and "--overwrite" in err
     assert (out / "mat" / "b.mat").stat().st_mtime_ns == stamp
     assert run(capsys, "--input", image, "--weights", weights["project"], "--out", out, "--overwrite")[0] == 0
 

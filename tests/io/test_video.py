@@ -45,6 +45,10 @@ def test_folder_source_times_and_a_corrupt_frame(tmp_path):
     assert source.summary.read == 11 and source.summary.failed == 1
     assert "f5.png" in source.summary.errors[0] and "frame 5" in source.summary.errors[0]
     assert "1 could not be decoded" in str(source.summary)
+    assert "data set" not in source.summary.errors[0]
+    plain = FrameSource(tmp_path)                                        # a folder of images, not a sequence
+    list(plain)
+    assert plain.summary.errors[0].startswith(f"{tmp_path / 'f5.png'}: not a readable image")
     summary = ReadSummary()
     assert all(f.time is None for f in iter_frames(tmp_path, summary=summary)), "no fps: no times"
     assert (summary.read, summary.failed) == (11, 1)

@@ -147,10 +147,47 @@ def test_unreadable_and_foreign_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="junk.pkl"):
         load_model(tmp_path / "junk.pkl")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pkl")
-    with pytest.raises(CheckpointError, match="neither a checkpoint of this project nor a DCONet release"):
+    with pytest.raises(CheckpointError, match="other.pkl: holds the state_dict of another network"):
         load_model(tmp_path / "other.pkl")
     with pytest.raises(CheckpointError, match="not a checkpoint of this project's format"):
         load_checkpoint(tmp_path / "other.pkl")
+
+
+def _truncated(path: Path) -> None:
+    torch.save(_small_model(stage_num=1).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def _image(path: Path) -> None:
+    import cv2
+    import numpy as np
+    cv2.imwrite(str(path.with_suffix(".png")), np.zeros((8, 8), np.uint8))
+    path.with_suffix(".png").rename(path)
+
+
+@pytest.mark.parametrize("name, make, words", [
+    ("empty.pkl", lambda p: p.write_bytes(b""), ["empty (0 bytes)", "fetch or copy it again"]),
+    ("cut.pkl", _truncated, ["truncated or damaged", "fetch or copy it again"]),
+    ("notes.pkl", lambda p: p.write_text("trained on NUAA-SIRST\n"), ["a text file, not a PyTorch weights file"]),
+    ("config.json", lambda p: p.write_text('{"epochs": 3}'), ["a text file in JSON", "not a PyTorch weights file"]),
+    ("photo.pkl", _image, ["a PNG image, not a PyTorch weights file"]),
+    ("linear.pkl", lambda p: torch.save(torch.nn.Linear(3, 2).state_dict(), p),
+     ["holds the state_dict of another network (2 tensors, keys bias, weight", "not DCONet's"]),
+])
+def test_wrong_weights_files_say_what_they_are(tmp_path, name, make, words):
+    """Each message names the file, says what it is and what was expected; none speaks of arbitrary code."""
+    path = tmp_path / name
+    make(path)
+    for loader in (load_model, load_checkpoint):
+        with pytest.raises(CheckpointError) as info:
+            loader(path)
+        message = str(info.value)
+        if loader is load_model or "holds" not in words[0]:
+            assert message.startswith(f"{path}: ") and "\n" not in message
+            assert "arbitrary code" not in message
+            for word in words:
+                assert word in message, message
+            assert "expected a checkpoint written by run_0.py or an authors' best.pkl" in message
 
 
 def _as_format_1(state: dict, optimizer_state: dict) -> tuple[dict, dict]:

@@ -22,7 +22,7 @@ from utils.train.config import DEMO_DEFAULTS, parse_command_line
 from utils.data.datasets import build_datasets
 from utils.train.losses import soft_iou_loss
 from utils.train.run_dir import NonFiniteLoss, TrainingError
-from utils.train.schedule import poly_lr, poly_scheduler
+from utils.train.schedule import continue_schedule, poly_lr, poly_scheduler
 from utils.data.synthetic_sets import write_dataset
 from utils.train.loop import fit, make_loader
 
@@ -274,6 +274,9 @@ def test_a_redirected_run_logs_progress_lines(data_root, tmp_path):
     printed = (tmp_path / "stdout.txt").read_text()
     for text in (printed, (out / "log.txt").read_text()):
         assert "epoch 1/1 iter 1/2 (total 1/2) - loss" in text and "it/s - left: epoch" in text
+        # each line time-stamped, on the console as in log.txt; Fa as a plain fraction ("Fa 3.30e-04")
+        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch 1/1 iter 1/2", text, re.MULTILINE), text[:300]
+        assert re.search(r"validation epoch 1/1 iter 2 - .*, Fa \d\.\d\de[-+]\d\d,", text), text[-600:]
     assert "\r" not in printed + result.stderr, "a progress bar was drawn into redirected output"
 
 
@@ -285,3 +288,45 @@ def test_a_run_config_can_be_given_back(data_root, tmp_path):
     assert again.lr == 2e-3 and again.model == stored.model and again.out == str(tmp_path / "again")
     assert again.to_dict() | {"out": stored.out} == stored.to_dict()
     assert main(["--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_extended_schedule_continues_over_the_new_total():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = poly_scheduler(optimizer, 10, 0.9)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0                     # a finished run: the lr has reached 0
+    state, saved = scheduler.state_dict(), optimizer.state_dict()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer.load_state_dict(saved)
+    scheduler = poly_scheduler(optimizer, 25, 0.9)                    # the same run, given more epochs
+    scheduler.load_state_dict(state)
+    assert continue_schedule(scheduler) == optimizer.param_groups[0]["lr"] == poly_lr(1e-3, 10, 25, 0.9)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(poly_lr(1e-3, 11, 25, 0.9), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_resume_with_only_out_uses_the_recorded_settings_and_epochs_extend(data_root, tmp_path, monkeypatch,
+                                                                           capsys):
+    out = tmp_path / "run"
+    assert main(_args(data_root, out, "--epochs", "2")) == 0
+    monkeypatch.chdir(tmp_path)                       # no ./datasets here: the recorded --data-root must be used
+    assert main(["--out", str(out), "--resume"]) == 0                                  # finished: nothing to do
+    assert load_checkpoint(out / "latest.pkl")["train_state"]["global_step"] == 4
+    assert main(["--out", str(out), "--resume", "--epochs", "3"]) == 0
+    latest = load_checkpoint(out / "latest.pkl")
+    assert (latest["train_state"]["epoch"], latest["train_state"]["global_step"]) == (3, 6)
+    assert latest["train_state"]["config"]["epochs"] == 3
+    assert latest["train_state"]["config"]["data_root"] == str(data_root)
+    log = (out / "log.txt").read_text()
+    lr = poly_lr(1e-3, 4, 6, 0.9)
+    assert f"epochs 2 -> 3: the poly schedule continues over 6 iterations from iteration 4 (lr {lr:.3e} now)" in log
+    capsys.readouterr()
+    assert main(["--out", str(out), "--resume", "--epochs", "2"]) == 2
+    assert f"--epochs 2: {out} has already trained 3 epochs; give a total of 3 or more" in capsys.readouterr().err
+    assert main(["--out", str(out), "--resume", "--lr", "5e-4"]) == 2
+    assert "lr=0.0005 (run: 0.001)" in capsys.readouterr().err

@@ -4,7 +4,8 @@ from utils import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "predict": ("Geometry", "Prediction", "trained_geometry", "prepare_model", "predict", "iter_predictions"),
-    "writer": ("ExportError", "ExportOptions", "export", "dataset_images", "default_weights"),
+    "writer": ("export", "dataset_images", "default_weights"),
+    "outputs": ("ExportError", "ExportInterrupted", "ExportOptions", "check_output", "check_not_inputs"),
     "detections": ("Detection", "Detector", "detect", "detect_logits", "draw_detections"),
     "detection_table": ("DetectionTable", "read_table"),
     "panels": ("save_panel", "decomposition_panel", "detection_outcome"),

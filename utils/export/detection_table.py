@@ -64,24 +64,28 @@ class DetectionTable:
     Args:
         path: ``.csv`` (CSV with a header line) or ``.jsonl`` (JSON Lines); its folder is created.
         overwrite: replace an existing file; without it an existing file is an error that names it.
+        append: go on writing an existing table (an interrupted export's), after its rows.
 
     Use as a context manager (the file is closed, and complete, on leaving it), or call ``close()``.
     ``rows`` counts the rows written so far.
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, overwrite: bool = False, append: bool = False) -> None:
         self.path = Path(path)
         self.format = TABLE_FORMATS.get(self.path.suffix.lower())
         if self.format is None:
             raise ValueError(f"{self.path}: a detection table is a .csv or a .jsonl (JSON Lines) file; "
                              f"choose one of these suffixes")
-        refuse_to_replace(self.path, overwrite)
+        append = append and self.path.is_file() and self.path.stat().st_size > 0
+        if not append:
+            refuse_to_replace(self.path, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w" if overwrite else "x", newline="", encoding="utf-8")
+        self._file = open(self.path, "a" if append else "w" if overwrite else "x", newline="", encoding="utf-8")
         self._csv = None
         if self.format == "csv":
             self._csv = csv.writer(self._file, lineterminator="\n")
-            self._csv.writerow(TABLE_COLUMNS)
+            if not append:
+                self._csv.writerow(TABLE_COLUMNS)
             self._file.flush()
         self.rows = 0
 

@@ -151,12 +151,17 @@ def write_mask(path: str | Path, probability: Any, threshold: float = 0.5, overw
 # Annotated frames
 # ----------------------------------------------------------------------------------------------------------
 
+def detection_label(detection: Detection, show_score: bool = True) -> str:
+    """The label drawn next to a detection: "#3: 0.97" (its id and peak probability), or "#3"."""
+    return f"#{detection.id}: {detection.peak:.2f}" if show_score else f"#{detection.id}"
+
+
 def draw_detections(image: np.ndarray, detections: Sequence[Detection], color: tuple[int, int, int] = (0, 255, 0),
                     scale: int = 1, show_score: bool = True) -> np.ndarray:
     """The frame with a box and a label per detection, as a new BGR uint8 image.
 
     Each box is drawn one pixel outside the component's bounding box (the target's own pixels stay visible);
-    its label is the id and, with ``show_score``, the peak probability ("3 0.97"), above the box or, at the
+    its label is the id and, with ``show_score``, the peak probability ("#3: 0.97"), above the box or, at the
     top edge, below it. ``scale`` enlarges the frame first (nearest neighbour; small infrared frames are
     hard to read at 1:1); the output is then ``scale`` times larger. ``color`` is BGR.
     """
@@ -171,7 +176,7 @@ def draw_detections(image: np.ndarray, detections: Sequence[Detection], color: t
         left, top = d.x0 * scale - 2, d.y0 * scale - 2          # one pixel of gap around the component
         right, bottom = d.x1 * scale + 1, d.y1 * scale + 1      # cv2.rectangle's corners are both inclusive
         cv2.rectangle(canvas, (left, top), (right, bottom), color, 1)
-        label = f"{d.id} {d.peak:.2f}" if show_score else f"{d.id}"
+        label = detection_label(d, show_score)
         (text_w, text_h), baseline = cv2.getTextSize(label, font, font_scale, thickness)
         text_x = min(max(left, 0), max(width - text_w, 0))
         text_y = top - 2 if top - 2 - text_h >= 0 else min(bottom + 2 + text_h, height - baseline)
@@ -220,12 +225,46 @@ class Detector:
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
         from utils.io.images import resize_linear
         from utils.export.predict import predict
-        image = np.asarray(image)
+        image = checked_image(image)
         probability = probability_from_logits(predict(self.net, image, self.geometry).T)
         found = to_image_pixels(detect(probability, self.threshold, self.min_area), probability.shape, image.shape)
         if probability.shape != image.shape:              # resize mode: back to the image's pixels
             probability = np.clip(resize_linear(probability, image.shape), 0.0, 1.0)
         return probability, found
+
+
+DETECTOR_INPUT = ("a grayscale image (H, W): uint8 (0..255) or uint16 (0..65535) as read from a file, or float "
+                  "in [0, 1]")
+
+
+def checked_image(image: Any) -> np.ndarray:
+    """``image`` as an array if it is what ``Detector`` takes (``DETECTOR_INPUT``); else a ValueError that says what
+    was given, what is expected and how to convert it."""
+    image = np.asarray(image)
+    given = f"got {image.dtype} {tuple(image.shape)}"
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}, a colour image: convert it, e.g. "
+                         f"cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)")
+    if image.ndim != 2:
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: pass one image at a time, its single channel "
+                         f"as (H, W) (e.g. image.squeeze())")
+    if min(image.shape) < 1:
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: the image is empty")
+    if image.dtype in (np.uint8, np.uint16):
+        return image
+    if image.dtype.kind != "f":
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: convert it, e.g. image.astype(np.uint8) for "
+                         f"8-bit values, or to float in [0, 1] (image / image.max() for data in another range)")
+    if not np.isfinite(image).all():
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given} with NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        hint = (" (0..255 values: divide by 255, or pass them as uint8)" if high <= 255.0 and low >= 0.0 else
+                " (0..65535 values: divide by 65535, or pass them as uint16)" if low >= 0.0 and high <= 65535.0
+                else "")
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given} with values in [{low:g}, {high:g}]: scale "
+                         f"them to [0, 1]{hint}")
+    return image
 
 
 def to_image_pixels(detections: list[Detection], map_shape: tuple[int, int],

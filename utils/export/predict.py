@@ -66,9 +66,10 @@ class Geometry:
                              f"({self.tile}), got {self.overlap}")
 
     def describe(self) -> str:
-        size = f"resized to {self.resize}x{self.resize}" if self.resize else "native size (reflect-padded to x32)"
+        if self.resize:                                   # tiles are for native sizes only
+            return f"resized to {self.resize}x{self.resize}"
         tiles = f"tiles of {self.tile} px overlapping by {self.overlap}" if self.tile else "no tiling"
-        return f"{size}, {tiles}"
+        return f"native size (reflect-padded to x32), {tiles}"
 
 
 RELEASE_SIZE = 256   # the release trains, exports and scores at 256x256

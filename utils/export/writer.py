@@ -20,6 +20,7 @@ Nothing is overwritten without ``overwrite``; memory stays constant whatever the
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -33,6 +34,8 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.export.detection_table import DetectionTable
+from utils.export.outputs import (MAP_FOLDERS, TABLE_NAME, ExportError, ExportInterrupted, ExportOptions,  # noqa: F401
+                                  check_output, finished_frames, keep_rows_of, output_paths)
 from utils.export.detections import detect, draw_detections, to_image_pixels, write_mask
 from utils.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, release_image, \
     resize_mask_centres, resize_nearest, to_unit, write_png
@@ -40,59 +43,14 @@ from utils.export.predict import Geometry, Prediction, iter_predictions, to_png
 from utils.io.frame_writer import FrameWriter
 from utils.io.video import FrameSource, list_frames
 
-MAP_FOLDERS = ("img", "mat", "vis", "masks")
-TABLE_NAME = "detections"
-
-
-class ExportError(ValueError):
-    """A problem the user has to fix before or during an export (paths, existing results, unreadable images)."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What an export writes besides the detection table.
-
-    Args:
-        batch_size: images of the same size (or tiles) per forward pass.
-        maps: write img/ and mat/; None: for images yes, for a video no.
-        threshold: a pixel is target when sigmoid(T) > threshold (0.5: T > 0).
-        json: also write the table as JSON Lines (detections.jsonl).
-        save_masks: write masks/<name>.png, the thresholded map.
-        visualize: write vis/<name>.png, a decomposition panel (with the ground truth of ``mask_dir``).
-        mask_dir: masks for the panels, matched by name.
-        annotate: a video file (.avi, .mp4, .mkv) or a folder for frames with the detections drawn.
-        fps: frame rate of a folder of frames (gives them times); a video's own rate is used for it.
-        strict: stop at the first image or frame that cannot be read instead of skipping it.
-        overwrite: write over existing results.
-        progress: a progress bar (images or frames per second).
-    """
-
-    batch_size: int = 1
-    maps: bool | None = None
-    threshold: float = 0.5
-    json: bool = False
-    save_masks: bool = False
-    visualize: bool = False
-    mask_dir: Path | None = None
-    annotate: Path | None = None
-    fps: float | None = None
-    strict: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ExportError(f"the batch size must be at least 1, got {self.batch_size}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ExportError(f"the threshold is a probability in [0, 1), got {self.threshold}")
-
-
 @dataclass
 class ExportSummary:
-    """What an export did: images or frames written, how many could not be read (``unread``; the first few
-    reasons in ``skipped``), targets found, seconds."""
+    """What an export did: images or frames written, those an interrupted export had finished and ``resume``
+    kept (``kept``), how many could not be read (``unread``; the first few reasons in ``skipped``), targets found,
+    seconds."""
 
     written: int = 0
+    kept: int = 0
     unread: int = 0
     skipped: list[str] = field(default_factory=list)
     detections: int = 0
@@ -115,24 +73,10 @@ def write_prediction(prediction: Prediction, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     write_png(out_dir / "img" / f"{prediction.name}.png", to_png(prediction.T), overwrite=True)  # checked before
     (out_dir / "mat").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(out_dir / "mat" / f"{prediction.name}.mat",
-                     {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
-
-
-def output_paths(out_dir: Path, options: ExportOptions) -> list[Path]:
-    """The files and folders an export with ``options`` writes into (besides the per-image folders)."""
-    paths = [out_dir / f"{TABLE_NAME}.csv"] + ([out_dir / f"{TABLE_NAME}.jsonl"] if options.json else [])
-    return paths + ([options.annotate] if options.annotate is not None else [])
-
-
-def check_output(out_dir: str | Path, options: ExportOptions) -> None:
-    """Refuse to write where results exist already, unless ``options.overwrite``."""
-    out_dir = Path(out_dir)
-    found = sorted(p for sub in MAP_FOLDERS if (out_dir / sub).is_dir() for p in (out_dir / sub).iterdir())
-    found += [p for p in output_paths(out_dir, options) if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
-    if found and not options.overwrite:
-        raise ExportError(f"{out_dir} already holds {len(found)} result file(s) (e.g. {found[0]}); they are kept. "
-                          f"Pass --overwrite to write over them, or --out to choose another folder")
+    path = out_dir / "mat" / f"{prediction.name}.mat"
+    tmp = path.with_name(f".{path.name}.tmp")          # whole or absent: resume counts a frame done by its .mat
+    scipy.io.savemat(tmp, {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
+    os.replace(tmp, path)
 
 
 def find_mask(mask_dir: Path | None, stem: str) -> Path | None:
@@ -186,6 +130,7 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
     maps = (not video) if options.maps is None else options.maps
     sequence = video or options.fps is not None
     summary = ExportSummary()
+    finished = finished_frames(out_dir, options, maps, video) if options.resume else set()
     waiting = {}
     unit = "frame" if video else "img"
     bar = tqdm(total=source.frame_count, unit=unit, disable=not options.progress or None, dynamic_ncols=True)
@@ -196,6 +141,10 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
             while reported < len(source.summary.errors):
                 _skipped(source.summary.errors[reported])
                 reported += 1
+            if frame.name in finished:
+                summary.kept += 1
+                bar.update(1)
+                continue
             waiting[frame.name] = frame
             yield frame.name, frame.image
         while reported < len(source.summary.errors):
@@ -209,9 +158,10 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
         summary.skipped.append(error)
         warn(f"skipped: {error}")
 
-    tables = [DetectionTable(out_dir / f"{TABLE_NAME}.csv", overwrite=options.overwrite)]
-    if options.json:
-        tables.append(DetectionTable(out_dir / f"{TABLE_NAME}.jsonl", overwrite=options.overwrite))
+    names = [f"{TABLE_NAME}.csv"] + ([f"{TABLE_NAME}.jsonl"] if options.json else [])
+    for name in names if options.resume else []:
+        keep_rows_of(out_dir / name, finished)          # the rows of frames not finished are written again
+    tables = [DetectionTable(out_dir / name, overwrite=options.overwrite, append=options.resume) for name in names]
     annotated = None
     start = time.perf_counter()
     try:
@@ -221,8 +171,6 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
         for prediction in iter_predictions(model, frames(), geometry, options.batch_size,
                                            return_stages=options.visualize):
             frame = waiting.pop(prediction.name)
-            if maps:
-                write_prediction(prediction, out_dir)
             probability = prediction.probability
             found = to_image_pixels(detect(probability, options.threshold), probability.shape, frame.image.shape)
             for table in tables:
@@ -237,8 +185,18 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
             if options.visualize:
                 _panel(out_dir, frame.image, prediction, geometry, options.mask_dir, warn)
                 summary.panels += 1
+            if maps:
+                write_prediction(prediction, out_dir)     # last: a frame with its .mat is finished
             summary.written += 1
             bar.update(1)
+    except KeyboardInterrupt:
+        total = summary.written + summary.kept
+        of = f" of {source.frame_count}" if source.frame_count else ""
+        raise ExportInterrupted(
+            f"{total}{of} {'frame' if video else 'image'}(s) finished, their results kept in {out_dir}"
+            + ("; run the same command with --resume to do the rest" if maps and not (
+                options.annotate and Path(options.annotate).suffix.lower() in (".avi", ".mp4", ".mkv"))
+               else "; run it again with --overwrite to start afresh")) from None
     finally:
         bar.close()
         for table in tables:

@@ -89,7 +89,7 @@ def read_image(path: str | Path) -> np.ndarray:
     gray = cv2.imdecode(data, _READ_FLAGS) if data.size else None
     if gray is None:
         raise ImageReadError(f"{path}: not a readable image (empty, truncated or of an unsupported format); "
-                             f"re-export it as PNG or remove it from the data set")
+                             f"re-export it as PNG or move it out of its folder")
     if gray.dtype in (np.uint8, np.uint16):
         return gray
     if gray.dtype in (np.float32, np.float64):

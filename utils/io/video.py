@@ -197,7 +197,7 @@ class FrameSource:
             try:
                 image = read_image(path)
             except ImageReadError as error:
-                summary.add_failure(f"frame {index}: {error}")
+                summary.add_failure(f"frame {index}: {error}" if self.fps else str(error))   # a sequence, or files
                 continue
             summary.read += 1
             time = index / self.fps if self.fps else None

@@ -182,6 +182,16 @@ def report_files(out_dir: Path, protocols: Sequence[str]) -> list[Path]:
     return files
 
 
+def refuse_inputs(paths: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """Stop when a report file would land in an input folder (a roc_*.mat among the predictions would be scored
+    next time; a .png among the masks read as one), even with --overwrite."""
+    folders = {Path(p).resolve() for p in inputs}
+    for path in paths:
+        if Path(path).resolve().parent in folders or Path(path).resolve() in folders:
+            raise UserError(f"{path} would be written into an input folder ({Path(path).parent}), which is never "
+                            f"written, even with --overwrite: pass another --out (or --json)")
+
+
 def refuse_overwrite(paths: Sequence[Path], overwrite: bool) -> None:
     """Stop before any work when a report file exists already and ``overwrite`` is not set."""
     existing = [str(path) for path in paths if path.exists()]

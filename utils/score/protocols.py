@@ -84,7 +84,8 @@ class MetricConfig:
 
     def describe(self) -> str:
         """One line stating the rules, for reports."""
-        size = "native size" if self.size is None else f"resized to {self.size[0]}x{self.size[1]}"
+        size = ("each prediction's own size (its mask brought to it)" if self.size is None
+                else f"resized to {self.size[0]}x{self.size[1]}")
         targets = ("targets = mask pixels at the mask's max, INTER_NEAREST" if self.mask_rule == "release"
                    else "targets = mask pixels > 0, nearest at pixel centres")
         fa_den = "all pixels" if self.fa_pixels_per_image is None else f"{self.fa_pixels_per_image} px/image"

@@ -36,7 +36,10 @@ class TrainConfig:
                                         "synthetic set")
     data_root: str = setting("datasets", "folder holding the data sets", changeable=True)
     out: str = setting("", "run folder (default: Weight/<dataset>)", changeable=True)
-    epochs: int = setting(400, "training epochs")
+    epochs: int = setting(400, "training epochs. With --resume, a new total that extends a finished or interrupted "
+                                "run: the poly schedule is recomputed over the new total and continues from the "
+                                "current iteration, lr(it) = LR x (1 - it / (EPOCHS x iterations per epoch)) ** "
+                                "POLY_POWER (so the lr rises again when a finished run is extended)", changeable=True)
     batch_size: int = setting(8, "images per iteration (per process under torchrun); the last, smaller batch of "
                                   "an epoch is used, as in the release")
     lr: float = setting(1e-4, "Adam learning rate")

@@ -23,10 +23,10 @@ from utils.train.config import TrainConfig
 from utils.data.datasets import build_datasets
 from utils.data.splits import DatasetWarning
 from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch
-from utils.train.run_dir import (NonFiniteLoss, RunLog, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
+from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
 from utils.io.runtime import amp_dtype, resolve_device
-from utils.train.schedule import poly_scheduler
+from utils.train.schedule import continue_schedule, poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
 from utils.train.curves import refresh_run_curves
 from utils.train.loader import make_loader, set_loader_epoch
@@ -116,6 +116,18 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.progress.update({key: state.get(key, self.progress[key]) for key in self.progress})
         set_rng_state(state["rng"])
+        self._continue_schedule(state["config"]["epochs"])
+
+    def _continue_schedule(self, stored_epochs: int) -> None:
+        done = self.progress["epoch"]
+        if self.config.epochs < done:
+            raise TrainingError(f"--epochs {self.config.epochs}: {self.run_dir} has already trained {done} epochs; "
+                                f"give a total of {done} or more (the run's own is {stored_epochs})")
+        lr = continue_schedule(self.scheduler)
+        if self.config.epochs != stored_epochs:
+            self.notes.append(f"epochs {stored_epochs} -> {self.config.epochs}: the poly schedule continues over "
+                              f"{self.total_iterations} iterations from iteration {self.progress['global_step']} "
+                              f"(lr {lr:.3e} now)")
 
     def _save(self, name: str, scores: dict | None = None) -> None:
         if not self.info.is_main:
@@ -142,7 +154,7 @@ class Trainer:
             self.log.scalars("val", scores, p["global_step"])
             self._pictures(net)
         self.log(f"validation epoch {epoch}/{self.config.epochs} iter {p['global_step']} - "
-                 + ", ".join(f"{k} {v:.4f}" if k != "Fa" else f"Fa {v * 1e6:.2f}e-6" for k, v in scores.items())
+                 + ", ".join(f"{k} {v:.4f}" if k != "Fa" else f"Fa {v:.2e}" for k, v in scores.items())
                  + f" - best mIoU {p['best_miou']:.4f} (epoch {p['best_epoch']}, iter {p['best_step']})"
                  + (" *" if improved else ""))
         if self.info.is_main:

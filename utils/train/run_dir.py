@@ -114,8 +114,9 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 def resumed_config(config: TrainConfig, stored: TrainConfig, given: frozenset[str]) -> TrainConfig:
-    """The stored run's settings with the runtime settings of ``config``; a recipe setting given now that
-    differs from the stored one is refused."""
+    """The stored run's settings (its data root, device, ... included), with those of ``config`` that were
+    ``given`` on the command line and may change on resume (``--epochs`` among them: a new total); a recipe setting
+    given now that differs from the stored one is refused."""
     flat_now, flat_stored = flatten_settings(config.to_dict()), flatten_settings(stored.to_dict())
     changed = sorted(k for k in given - CHANGEABLE_ON_RESUME if flat_now[k] != flat_stored[k])
     if changed:
@@ -123,7 +124,7 @@ def resumed_config(config: TrainConfig, stored: TrainConfig, given: frozenset[st
             "--resume continues a run with its own settings, but these differ from the stored ones: "
             + ", ".join(f"{k}={flat_now[k]!r} (run: {flat_stored[k]!r})" for k in changed)
             + "; drop them, or start a new run with --overwrite or another --out")
-    flat_stored.update({k: flat_now[k] for k in CHANGEABLE_ON_RESUME})
+    flat_stored.update({k: flat_now[k] for k in CHANGEABLE_ON_RESUME if k in given or k in ("resume", "overwrite")})
     return TrainConfig.from_dict(flat_stored)
 
 
@@ -182,7 +183,7 @@ def save_run_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig,
 # ----------------------------------------------------------------------------------------------------------
 
 class RunLog:
-    """Lines to the console and to log.txt (time-stamped), scalars and pictures to TensorBoard; on rank 0 only.
+    """Lines to the console and to log.txt (both time-stamped), scalars and pictures to TensorBoard; on rank 0 only.
 
     Console lines go through tqdm.write, so that a progress bar on a terminal stays whole; redirected output
     gets the same lines (and no bar)."""
@@ -198,10 +199,11 @@ class RunLog:
     def __call__(self, line: str) -> None:
         if not self.enabled:
             return
-        tqdm.write(line, file=sys.stdout)
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"       # the same line on the console and in the log
+        tqdm.write(stamped, file=sys.stdout)
         sys.stdout.flush()
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            handle.write(stamped + "\n")
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.writer is not None:

@@ -16,3 +16,13 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_iterations: int,
     """A LambdaLR that applies ``poly_lr`` to every parameter group; call ``step()`` after each iteration."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: max(0.0, 1.0 - it / total_iterations) ** power)
+
+
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """After ``scheduler.load_state_dict``: every group's lr set to the schedule's value at the current iteration,
+    under this scheduler's total (which a resumed run with more epochs has recomputed; the optimizer's stored lr
+    was the old total's). Returns the first group's lr."""
+    for group, base, rule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return scheduler._last_lr[0]
