@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--onnx", type=Path, metavar="PATH",
                         help="write the deploy form of --weights as an ONNX model to PATH (dynamic batch, height and "
                              "width, multiples of 32), checked against PyTorch at the training size (or --resize) "
-                             "and two other sizes; refused (no file) when T is off by more than 1e-4")
+                             "and two other sizes; refused (no file) when T is off by more than 1e-4 x max(1, max |T|)")
     parser.add_argument("--onnx-outputs", choices=("T", "BTD"), default="T",
                         help="with --onnx: the graph's outputs, T alone or B, T, D of the last stage (default: T)")
     parser.add_argument("--backend", choices=BACKENDS, default="pytorch",

@@ -4,6 +4,7 @@ predictions, stages and detections through ONNX Runtime equal PyTorch's up to fl
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -57,8 +58,7 @@ def test_export_is_checked_at_three_sizes_and_two_batches(exported):
     import onnx
     assert exported.path.is_file() and exported.passed
     assert [c.shape for c in exported.checks] == SHAPES
-    worst = max(c.max_abs_diff for c in exported.checks)
-    assert worst <= ONNX_T_ATOL, exported.describe()
+    assert all(c.max_abs_diff <= ONNX_T_ATOL * max(1.0, c.scale) for c in exported.checks), exported.describe()
     proto = onnx.load(str(exported.path))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["training_size"] == str(SIZE) and meta["stage_num"] == "2" and meta["size_multiple"] == "32"
@@ -135,6 +135,9 @@ def test_t_models_onnx_writes_a_checked_file(model, tmp_path, capsys):
     assert t_models.main(["--weights", str(weights), "--onnx", str(out), "--onnx-outputs", "BTD"]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and printed.count("max |T - PyTorch T|") == 3, printed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "an ordinary file, not the temporary file's 0600"
     runtime = OnnxRuntimeNet.from_file(out)
     x = torch.rand(1, 1, 96, 64)
     D, T, stages = runtime(x, return_stages=True)
