@@ -162,6 +162,9 @@ def export_command(args: argparse.Namespace) -> int:
           f"{geometry.describe()}; writing to {out}", flush=True)
     batch = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH)     # decided here, once
     checked_at = geometry.resize or trained_geometry(info)[0].resize     # the onnxruntime backend's first check
+    if args.backend == "onnxruntime":
+        print(f"onnxruntime: exporting the deploy form to ONNX and checking it against PyTorch at {checked_at}x"
+              f"{checked_at} and two other sizes first", flush=True)
     net = prepare_backend(model, args.backend, device, training_size=checked_at, bf16=runtime.bf16,
                           compile=runtime.compile, plain=args.plain, sub_batch=batch)
     options = replace(options, batch_size=batch)
