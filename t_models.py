@@ -4,6 +4,8 @@
     python t_models.py --dataset IRSTD-1k --weights best.pkl    # a release best.pkl: 256x256, as the release
     python t_models.py --input flight.mp4 --weights best.pkl --annotate   # a video: table + annotated video
     python t_models.py --input frames/ --weights best.pkl --visualize     # a folder of images or frames
+    python t_models.py --weights best.pkl --onnx dconet.onnx              # an ONNX model, checked (docs/export.md)
+    python t_models.py --dataset IRSTD-1k --backend onnxruntime           # run through ONNX Runtime
 
 By default every image is resized as the release does (8-bit INTER_LINEAR, then / 255) to the size the weights
 were trained at: a checkpoint of this project says its size, a release best.pkl means 256x256. --resize S
@@ -31,9 +33,10 @@ limit_openmp_spinning()   # before torch loads: spinning idle threads slow expor
 
 with starting("t_models.py", active=__name__ == "__main__"):     # a Ctrl-C while torch loads: one line
     from model import load_model
+    from utils.export.onnx_runtime import BACKENDS, prepare_backend
     from utils.export.outputs import check_not_inputs
-    from utils.export.predict import Geometry, prepare_model, trained_geometry
-    from utils.export.writer import ExportOptions, dataset_images, default_weights, export
+    from utils.export.predict import Geometry, trained_geometry
+    from utils.export.writer import SHIPPED_WEIGHTS, ExportOptions, dataset_images, default_weights, export
     from utils.io.images import quiet_opencv
     from utils.io.runtime import add_runtime_arguments, runtime_from_args
     from utils.io.video import FrameSource
@@ -47,6 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="data set name: reads <data-root>/NAME/test/images")
     source.add_argument("--input", type=Path, help="an image, a folder of images or frames, or a video file")
+    source.add_argument("--onnx", type=Path, metavar="PATH",
+                        help="write the deploy form of --weights as an ONNX model to PATH (dynamic batch, height and "
+                             "width, multiples of 32), checked against PyTorch at the training size (or --resize) "
+                             "and two other sizes; refused (no file) when T is off by more than 1e-4 x max(1, max |T|)")
+    parser.add_argument("--onnx-outputs", choices=("T", "BTD"), default="T",
+                        help="with --onnx: the graph's outputs, T alone or B, T, D of the last stage (default: T)")
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
+                        help="run the network in PyTorch or, exported to ONNX and checked, in ONNX Runtime on the "
+                             "CPU (needs onnx, onnxscript and onnxruntime; default: pytorch)")
     parser.add_argument("--data-root", type=Path, default=Path("datasets"),
                         help="folder holding the data sets (default: datasets)")
     parser.add_argument("--weights", type=Path,
@@ -105,7 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     return run_script("t_models.py", lambda: export_command(args))
 
 
+def onnx_command(args: argparse.Namespace) -> int:
+    """--onnx PATH: the deploy form as an ONNX model, kept only when it agrees with PyTorch at three sizes."""
+    from utils.export.onnx_export import check_shapes, export_onnx, require_onnx
+    require_onnx("--onnx")
+    if args.weights is None:
+        raise ValueError("--onnx needs --weights: the checkpoint or release best.pkl to export")
+    if args.native:
+        raise ValueError("--onnx takes --resize SIZE (the size it is checked at first), not --native")
+    model, info = load_model(args.weights)
+    size = trained_geometry(info, args.resize)[0].resize
+    shapes = ", ".join(f"{n}x{h}x{w}" for n, h, w in check_shapes(size))
+    print(f"exporting {args.weights} (K = {info['config']['stage_num']}, size {size}) to {args.onnx}, outputs "
+          f"{args.onnx_outputs}; checking against PyTorch at N x H x W = {shapes}", flush=True)
+    report = export_onnx(model, args.onnx, size, outputs=args.onnx_outputs, overwrite=args.overwrite)
+    for check in report.checks:
+        print(f"  {check.describe()}")
+    print(f"wrote {args.onnx}: input image (N, 1, H, W) float32 in [0, 1], H and W multiples of 32")
+    return 0
+
+
 def export_command(args: argparse.Namespace) -> int:
+    if args.onnx:
+        return onnx_command(args)
     Geometry(args.resize, args.tile, args.overlap)        # flag values first, before any file is read
     runtime = runtime_from_args(args)
     if args.dataset:
@@ -124,16 +158,25 @@ def export_command(args: argparse.Namespace) -> int:
                             progress=not args.no_progress)
     check_not_inputs([source.path, options.mask_dir, args.weights], out, options)
     weights = args.weights or default_weights(args.dataset)
+    shipped = Path(weights).resolve() == SHIPPED_WEIGHTS
+    print(f"weights: {weights}" + (" (the NUAA-SIRST model shipped with this project; --weights FILE runs another)"
+                                   if shipped else ""), flush=True)
     model, info = load_model(weights)
     geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
     print(f"geometry: {why}", flush=True)
     device, memory = runtime.setup()
-    print(f"weights: {weights} ({info['kind']} layout, K = {info['config']['stage_num']}); device: {device} "
+    print(f"model: {info['kind']} layout, K = {info['config']['stage_num']}; backend: {args.backend}; "
+          f"device: {'cpu' if args.backend == 'onnxruntime' else device} "
           f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} "
           f"{'frame' if source.kind == 'video' else 'image'}(s); "
           f"{geometry.describe()}; writing to {out}", flush=True)
     batch = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH)     # decided here, once
-    net = prepare_model(model, device, bf16=runtime.bf16, compile=runtime.compile, plain=args.plain, sub_batch=batch)
+    checked_at = geometry.resize or trained_geometry(info)[0].resize     # the onnxruntime backend's first check
+    if args.backend == "onnxruntime":
+        print(f"onnxruntime: exporting the deploy form to ONNX and checking it against PyTorch at {checked_at}x"
+              f"{checked_at} and two other sizes first", flush=True)
+    net = prepare_backend(model, args.backend, device, training_size=checked_at, bf16=runtime.bf16,
+                          compile=runtime.compile, plain=args.plain, sub_batch=batch)
     options = replace(options, batch_size=batch)
     summary = export(net, source, out, geometry, options)
     unit = "frame(s)" if source.kind == "video" else "image(s)"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capabilities import Reparameterizable
-from .ops import conv_with, fold_batchnorm
+from .ops import conv_with, exporting, fold_batchnorm
 
 MDCR_RATES = (2, 8, 12, 18)
 
@@ -133,5 +133,13 @@ class SOA(nn.Module):
         k2 = k.pow(2)
         k2 = F.normalize(k2 / (k2.sum(dim=-1, keepdim=True) + 1e-7), dim=-2)   # over tokens
         context = k2.transpose(1, 2) @ v                          # (n, c, N) @ (n, N, c) -> (n, c, c)
-        out = self.proj(v + q2 @ context / math.sqrt(h * w) + tokens)          # (n, N, c)
+        out = self.proj(v + q2 @ context / self.sqrt_tokens(tokens) + tokens)  # (n, N, c)
         return out.transpose(1, 2).reshape(n, c, h, w)            # (n, N, c) -> (n, c, h, w)
+
+    @staticmethod
+    def sqrt_tokens(tokens: torch.Tensor) -> float | torch.Tensor:
+        """sqrt(N) for tokens (n, N, c): a Python number, or while exporting a tensor counted from the tokens'
+        shape, so that the graph follows the input's size (a number would be frozen in as a constant)."""
+        if exporting():
+            return tokens.new_ones(tokens.shape[1]).sum().sqrt()
+        return math.sqrt(tokens.shape[1])

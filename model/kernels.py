@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import add_to_border, conv_from_one
+from .ops import add_to_border, conv_from_one, exporting
 
 BAND_BYTES = 4 << 20   # deploy form on the CPU: rows per band of the gates chosen so that a band holds about this much
 
@@ -80,6 +80,8 @@ def gated_cell_in_bands(x: torch.Tensor, c0: torch.Tensor, w5: torch.Tensor, b5:
     x: (N, 1, H, W); c0: (1, C, 1, 1) or (N, C, H, W); w5, b5: ``compose_gate_kernel``'s convolution;
     wx, bx, wg, bg: conv_x and the stacked gates, for the border ring (``gate_border``).
     """
+    if exporting():
+        return gated_cell_whole(x, c0, w5, b5, wx, bx, wg, bg)
     n, _, H, W = x.shape
     C = w5.shape[0] // 4
     top, bottom, left, right = gate_border(x, wx, bx, wg, bg)
@@ -103,3 +105,18 @@ def gated_cell_in_bands(x: torch.Tensor, c0: torch.Tensor, w5: torch.Tensor, b5:
         cb.addcmul_(i, s.sub_(0.5), value=2.0)                            # + i * g, g = 2 (s - 1/2)
         torch.mul(cb, 2.0, out=hb).sigmoid_().sub_(0.5).mul_(o)           # o * tanh(c) / 2
     return c, h
+
+
+def gated_cell_whole(x: torch.Tensor, c0: torch.Tensor, w5: torch.Tensor, b5: torch.Tensor,
+                     wx: torch.Tensor, bx: torch.Tensor, wg: torch.Tensor,
+                     bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_cell_in_bands`` as one band of the whole image, in standard operators without in-place writes:
+    the form traced for export (``model.ops.exporting``), where every shape follows the input's."""
+    C = w5.shape[0] // 4
+    top, bottom, left, right = gate_border(x, wx, bx, wg, bg)
+    z = F.conv2d(x, w5, b5, padding=2)                                    # (N, 4C, H, W)
+    z = torch.cat([top, z[:, :, 1:-1], bottom], dim=2)                    # the exact border rows,
+    z = torch.cat([left, z[:, :, :, 1:-1], right], dim=3)                 # then columns (corners included)
+    f, i, o, s = torch.sigmoid(z).split(C, dim=1)                         # s = sigmoid(2 g)
+    c = f * c0 + 2.0 * (i * (s - 0.5))                                    # f * c0 + i * g, g = 2 (s - 1/2)
+    return c, o * (torch.sigmoid(2.0 * c) - 0.5)                          # o * tanh(c) / 2

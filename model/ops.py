@@ -182,8 +182,12 @@ class _ConvToOne(torch.autograd.Function):
 
 
 def conv_to_one_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The forward of ``conv_to_one`` (no autograd); the tap planes are summed in float32 at least (on a GPU:
-    one float32 convolution)."""
+    """The forward of ``conv_to_one`` (no autograd); the tap planes are summed in float32 at least. On a GPU, and
+    while exporting (where the per-image loop would freeze the batch size), one float32 convolution."""
+    if exporting():
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                        padding=weight.shape[-1] // 2)
     c, k = weight.shape[1], weight.shape[-1]
     if not _on_cpu(x):
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -245,9 +249,21 @@ def add_to_border(z: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, left
 # Deploy forms (no autograd)
 # ----------------------------------------------------------------------------------------------------------
 
+def exporting() -> bool:
+    """True while ``torch.export`` (and so the ONNX exporter) traces the model.
+
+    A graph traced for export must hold for every input size, but the deploy forms' CPU kernels loop in Python
+    over sizes (bands of rows, images of a batch) and take sizes as Python numbers, which tracing freezes into
+    the graph as constants. While exporting, the deploy forms compute the same function with standard
+    operators whose shapes come from the tensors (``utils/export/onnx_export.py`` checks the graph against
+    PyTorch at three sizes)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)          # PyTorch 2.5 and later
+    return bool(is_exporting is not None and is_exporting())
+
+
 def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """A 1x1 convolution; in channels_last layout one (N*H*W, Cin) @ (Cin, Cout) matrix product."""
-    if not is_nhwc(x):
+    if exporting() or not is_nhwc(x):
         return conv(x)
     n, cin, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(-1, cin)                    # (N, Cin, H, W) -> (N*H*W, Cin), a view
@@ -257,7 +273,10 @@ def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """max_pool2d(x, 2) as the maximum of the four phases (the same values, NaN included)."""
+    """max_pool2d(x, 2) as the maximum of the four phases (the same values, NaN included); while exporting,
+    max_pool2d itself (one operator in the graph)."""
+    if exporting():
+        return F.max_pool2d(x, 2)
     return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
                          torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
 

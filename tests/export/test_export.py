@@ -131,7 +131,7 @@ def test_resize_mode_writes_square_maps(tmp_path, data_root, weights, capsys):
     out = tmp_path / "resized"
     code, stdout, _ = run(capsys, "--dataset", "tiny", "--data-root", data_root, "--weights", weights["project"],
                           "--out", out, "--resize", 64)
-    assert code == 0 and stdout.splitlines()[0].startswith("geometry: resized to 64x64 (--resize")
+    assert code == 0 and stdout.splitlines()[1].startswith("geometry: resized to 64x64 (--resize")
     check_results(out, STEMS, {stem: (64, 64) for stem in STEMS})
     # the release's geometry: the 8-bit image resized as 8 bits, then / 255
     image = cv2.imread(str(data_root / "tiny" / "test" / "images" / "odd.png"), 0)
@@ -143,10 +143,11 @@ def test_resize_mode_writes_square_maps(tmp_path, data_root, weights, capsys):
 
 def test_default_geometry_is_the_one_the_weights_were_trained_with(tmp_path, data_root, weights, capsys):
     """A release best.pkl means 256x256 (the release exports so); a checkpoint of this project says its size.
-    The first line printed says which geometry runs and why."""
+    The first line printed names the weights, the second says which geometry runs and why."""
     image = data_root / "tiny" / "test" / "images" / "b.png"
     code, stdout, _ = run(capsys, "--input", image, "--weights", weights["release"], "--out", tmp_path / "rel")
-    first = stdout.splitlines()[0]
+    assert stdout.splitlines()[0] == f"weights: {weights['release']}"
+    first = stdout.splitlines()[1]
     assert code == 0 and first.startswith("geometry: resized to 256x256 as the release does") and "release" in first
     assert read_mat(tmp_path / "rel" / "mat" / "b.mat")["T"].shape == (256, 256)
 
@@ -154,15 +155,15 @@ def test_default_geometry_is_the_one_the_weights_were_trained_with(tmp_path, dat
     trained = tmp_path / "trained64.pt"
     save_checkpoint(trained, weights["model"], meta={"base_size": 64})
     code, stdout, _ = run(capsys, "--input", image, "--weights", trained, "--out", tmp_path / "p64")
-    assert code == 0 and stdout.splitlines()[0] == ("geometry: resized to 64x64 as the release does (the size this "
+    assert code == 0 and stdout.splitlines()[1] == ("geometry: resized to 64x64 as the release does (the size this "
                                                     "checkpoint was trained at)")
     assert read_mat(tmp_path / "p64" / "mat" / "b.mat")["T"].shape == (64, 64)
     assert "base_size" not in payload["meta"]
     code, stdout, _ = run(capsys, "--input", image, "--weights", weights["project"], "--out", tmp_path / "p")
-    assert code == 0 and "does not say its training size" in stdout.splitlines()[0]
+    assert code == 0 and "does not say its training size" in stdout.splitlines()[1]
 
     code, stdout, _ = run(capsys, "--input", image, "--weights", trained, "--out", tmp_path / "nat", "--native")
-    assert code == 0 and stdout.splitlines()[0].startswith("geometry: native size")
+    assert code == 0 and stdout.splitlines()[1].startswith("geometry: native size")
     assert read_mat(tmp_path / "nat" / "mat" / "b.mat")["T"].shape == (41, 57)
 
 

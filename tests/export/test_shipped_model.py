@@ -50,3 +50,14 @@ def test_the_shipped_model_finds_the_targets_of_nuaa_sirst_test_frames():
         missed += [stem] * int(np.count_nonzero(matched < 0))
         false_alarms += [stem] * (len(found) - int(np.count_nonzero(matched >= 0)))
     assert not missed and len(false_alarms) <= 1, (missed, false_alarms)
+
+
+def test_t_models_without_weights_runs_the_shipped_model_and_says_so_first(tmp_path, capsys):
+    import t_models
+    from utils.io.images import write_png
+    frame = tmp_path / "frames" / "f.png"
+    write_png(frame, np.full((40, 48), 30, dtype=np.uint8))
+    assert t_models.main(["--input", str(frame), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"weights: {SHIPPED_WEIGHTS} (the NUAA-SIRST model shipped with this project; --weights FILE "
+                     f"runs another)")

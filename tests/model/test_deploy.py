@@ -214,3 +214,17 @@ def test_a_block_that_does_not_declare_its_deploy_form_is_refused():
 
     with pytest.raises(RuntimeError, match="Forgetful"):
         reparameterize_blocks(Forgetful())
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_the_form_traced_for_export_computes_the_deploy_form(channels_last, monkeypatch):
+    # While torch.export traces, the deploy forms run standard operators with shapes from the tensors (one band,
+    # plain convolutions, sqrt(N) as a tensor); here that form runs eagerly and must give the deploy form's maps.
+    net = deploy(perturbed_model(2, seed=4).eval(), channels_last=channels_last)
+    x = torch.rand(3, 1, 96, 64)
+    _, _, stages = net(x, return_stages=True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    _, _, stages_export = net(x, return_stages=True)
+    for ours, theirs in zip(stages_export, stages):
+        for a, b in zip(ours, theirs):
+            assert _folding_error(a, b) < FOLD_RTOL

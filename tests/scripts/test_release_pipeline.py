@@ -5,10 +5,12 @@ the logits T that the release's t_models.py computed for a test split (``release
 stem) and the numbers its scorer printed for them (``expected.json``). The test runs this project's t_models.py
 with those weights and its default geometry, then cal_from_mask.py --protocol paper on what it wrote, and holds
 both to the reference's tolerances (../shared/reference/README.md): every T within 2e-4 of the release's map,
-every printed number equal at the printed precision (6 decimals, Fa 8).
+every printed number equal at the printed precision (6 decimals, Fa 8). It does so with each backend: PyTorch's
+deploy form and its ONNX graph run by ONNX Runtime (t_models.py --backend onnxruntime).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -26,6 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 T_ATOL = 2e-4
 PRINTED_ATOL = {"Fa": 5e-9}          # |ours - printed| for a number printed with 8 decimals
 DEFAULT_PRINTED_ATOL = 5e-7          # and with 6
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+ONNX_BACKEND = pytest.param("onnxruntime", marks=[pytest.mark.slow, pytest.mark.skipif(
+    not HAS_ONNX, reason="the onnxruntime backend needs onnx, onnxscript and onnxruntime (requirements.txt)")])
 
 
 def _cases() -> list[Path]:
@@ -44,17 +49,18 @@ def _test_split(stems: set[str]) -> Path:
 @pytest.mark.parametrize("case", _cases() or [pytest.param(None, marks=pytest.mark.skip(
     reason=f"no reference case under {SHARED / 'reference'} (reference data lives beside the repository)"))],
     ids=lambda p: p.name if p else "absent")
-def test_export_and_paper_protocol_reproduce_the_release(case, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["pytorch", ONNX_BACKEND])
+def test_export_and_paper_protocol_reproduce_the_release(case, backend, tmp_path, capsys):
     expected = json.loads((case / "expected.json").read_text())
     release_T = np.load(case / "release_T.npz")
     split = _test_split(set(release_T.files))
 
     out = tmp_path / "results"
     assert t_models.main(["--input", str(split / "images"), "--weights", str(case / "weights_release.pkl"),
-                          "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+                          "--out", str(out), "--no-progress", "--device", "cpu", "--backend", backend]) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0].startswith("geometry: resized to 256x256 as the release does")
-    assert f"K = {expected['stage_num']}" in printed
+    assert printed.splitlines()[1].startswith("geometry: resized to 256x256 as the release does")
+    assert f"K = {expected['stage_num']}" in printed and f"backend: {backend}" in printed
 
     worst = {}
     for stem in release_T.files:

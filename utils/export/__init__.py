@@ -1,5 +1,6 @@
 """Export: the geometry an image is run at and the predictions, the files written (maps, .mat, masks,
-annotated video), the detected targets and their table, and the decomposition panels."""
+annotated video), the detected targets and their table, the decomposition panels, and the ONNX graph of the
+deploy form with ONNX Runtime as a second backend."""
 from utils import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
@@ -9,4 +10,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "detections": ("Detection", "Detector", "detect", "detect_logits", "draw_detections"),
     "detection_table": ("DetectionTable", "read_table"),
     "panels": ("save_panel", "decomposition_panel", "detection_outcome"),
+    "onnx_export": ("OnnxExportError", "export_onnx", "check_onnx", "check_shapes"),
+    "onnx_runtime": ("OnnxRuntimeNet", "prepare_backend", "BACKENDS"),
 })

@@ -200,6 +200,8 @@ class Detector:
             t_models.py chooses it (a release best.pkl: 256x256); for a model: native size.
         threshold, min_area: as in ``detect``.
         bf16, plain: as in ``utils.export.predict.prepare_model`` (plain=True for a model that is not a DCONet).
+        backend: "pytorch" (the deploy form) or "onnxruntime" (its ONNX graph, checked when made, run by ONNX
+            Runtime on the CPU; ``utils.export.onnx_runtime``): the same detections up to float rounding.
 
     Calling it with a grayscale image (H, W) (uint8 or uint16 as ``utils.io.images.read_image`` gives it, or
     float32 in [0, 1]) returns (sigmoid(T) as float32 (H, W), list of ``Detection``) in the image's pixels: the
@@ -208,9 +210,10 @@ class Detector:
     """
 
     def __init__(self, model: Any = None, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
-                 min_area: int = 1, bf16: bool = False, plain: bool = False) -> None:
+                 min_area: int = 1, bf16: bool = False, plain: bool = False, backend: str = "pytorch") -> None:
         from model import load_model                      # here: torch loads only when a network is needed
-        from utils.export.predict import Geometry, prepare_model, trained_geometry
+        from utils.export.onnx_runtime import prepare_backend
+        from utils.export.predict import RELEASE_SIZE, Geometry, trained_geometry
         from utils.export.writer import default_weights
         if model is None:
             model = default_weights(None)                 # the shipped NUAA-SIRST model
@@ -220,7 +223,8 @@ class Detector:
         self.geometry = Geometry() if geometry is None else geometry
         self.threshold = threshold
         self.min_area = min_area
-        self.net = prepare_model(model, device, bf16=bf16, plain=plain)
+        self.net = prepare_backend(model, backend, device, training_size=self.geometry.resize or RELEASE_SIZE,
+                                   bf16=bf16, plain=plain)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
         from utils.io.images import resize_linear

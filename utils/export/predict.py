@@ -154,8 +154,10 @@ def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = Fal
                   plain=plain)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a module's first parameter or, for a folded inference module, its first buffer."""
+def model_device(model) -> torch.device:
+    """The device a prepared model runs on (its ``device``), else that of its first parameter or buffer."""
+    if isinstance(getattr(model, "device", None), torch.device):
+        return model.device
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     raise ValueError(f"{type(model).__name__} holds no tensor to tell its device by")
