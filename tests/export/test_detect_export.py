@@ -139,6 +139,7 @@ def test_resized_exports_report_targets_in_the_images_pixels(tmp_path):
             assert all(0 <= r["x0"] < r["x1"] <= 128 and 0 <= r["y0"] < r["y1"] <= 128 for r in found)
 
 
+@pytest.mark.slow
 def test_nuaa_detections_agree_with_the_standard_protocols_pd(tmp_path, capsys, one_thread):
     """detections.csv of a real export holds exactly the predicted targets the standard protocol matches:
     matching its rows to the masks' targets by the protocol's rule gives cal_from_mask.py's Pd count."""

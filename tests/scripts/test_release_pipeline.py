@@ -46,6 +46,7 @@ def _test_split(stems: set[str]) -> Path:
     raise AssertionError(f"no ../shared/data/*/test/images holds exactly the {len(stems)} stems of the case")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases() or [pytest.param(None, marks=pytest.mark.skip(
     reason=f"no reference case under {SHARED / 'reference'} (reference data lives beside the repository)"))],
     ids=lambda p: p.name if p else "absent")

@@ -20,6 +20,7 @@ from utils.data.synthetic_sets import write_dataset
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["run_0.py", "t_models.py", "cal_from_mask.py"])
 def test_help_prints_every_default_once(script):
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=REPO, capture_output=True, text=True,
@@ -90,6 +91,7 @@ print(seen)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["run_0", "t_models"])
 def test_the_scripts_cap_openmp_spinning_before_torch_loads(script):
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}

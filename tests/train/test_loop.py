@@ -111,6 +111,7 @@ def test_validation_runs_the_folded_module_with_the_models_outputs(data_root):
         assert deployed[i].shape == (32, 32) and np.allclose(deployed[i], plain[i], atol=1e-5), i
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reaches_the_same_weights(data_root, tmp_path):
     epochs = "12"
     straight = tmp_path / "straight"
@@ -168,6 +169,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_hold_identical_weights(data_root, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -214,6 +216,7 @@ def test_the_last_partial_batch_is_trained_and_counted(odd_root, tmp_path):
     assert state["global_step"] == 6 and state["scheduler"]["last_epoch"] == 6     # the schedule counts all 6
 
 
+@pytest.mark.slow
 def test_validation_every_save_iter_step_and_best_over_all(odd_root, tmp_path):
     out = tmp_path / "run"
     assert main(_args(odd_root, out, "--epochs", "2", "--save-iter-step", "2")) == 0
@@ -263,6 +266,7 @@ def test_a_failed_start_leaves_no_empty_run_folder(data_root, tmp_path, capsys):
     assert "absent" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_redirected_run_logs_progress_lines(data_root, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
