@@ -110,6 +110,6 @@ def test_the_header_says_frames_for_a_video_and_no_tiles_when_resizing(tmp_path,
         for i in range(3):
             video.write(np.full((32, 32), 40 * i, np.uint8))
     code, stdout, _ = run(capsys, "--input", clip, "--weights", weights, "--out", tmp_path / "out")
-    header = stdout.splitlines()[1]
+    header = stdout.splitlines()[2]
     assert code == 0 and f"video {clip}, 3 frame(s); resized to 32x32; writing to" in header, header
     assert "tiles" not in header and "image(s)" not in header
