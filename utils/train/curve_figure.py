@@ -104,6 +104,9 @@ def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = 
     os.close(handle)
     try:
         figure.savefig(temporary, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)               # an ordinary file, not mkstemp's owner-only one
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
