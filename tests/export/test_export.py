@@ -289,7 +289,7 @@ def test_default_weights_come_from_the_weight_folder(tmp_path, data_root, weight
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "nowhere"], "nowhere"),
     (["--input", "missing_folder"], "missing_folder"),
-    (["--input", "."], "--weights"),
+    (["--input", ".", "--weights", "missing.pkl"], "missing.pkl"),
     (["--dataset", "tiny", "--resize", "250"], "multiple of 32"),
     (["--dataset", "tiny", "--tile", "100"], "multiple of 32"),
 ])

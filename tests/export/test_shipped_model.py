@@ -24,7 +24,7 @@ def test_the_shipped_weights_are_the_default_and_load_as_float32_with_their_sett
     assert default_weights(None) == SHIPPED_WEIGHTS
     model, info = load_model(SHIPPED_WEIGHTS)
     assert info["kind"] == "project" and info["config"]["stage_num"] == 2
-    assert info["base_size"] == 256
+    assert info["meta"]["base_size"] == 256 and info["meta"]["dataset"] == "NUAA-SIRST"
     assert all(p.dtype == torch.float32 for p in model.parameters())
     payload = torch.load(SHIPPED_WEIGHTS, weights_only=True)
     assert "optimizer" not in str(sorted(payload)), "the shipped file holds weights and settings only"
@@ -61,3 +61,13 @@ def test_t_models_without_weights_runs_the_shipped_model_and_says_so_first(tmp_p
     first = capsys.readouterr().out.splitlines()[0]
     assert first == (f"weights: {SHIPPED_WEIGHTS} (the NUAA-SIRST model shipped with this project; --weights FILE "
                      f"runs another)")
+
+
+def test_without_weights_and_without_the_shipped_model_the_message_names_weights(tmp_path, monkeypatch, capsys):
+    import t_models
+    import utils.export.writer as writer
+    from utils.io.images import write_png
+    monkeypatch.setattr(writer, "SHIPPED_WEIGHTS", tmp_path / "Weight" / "NUAA-SIRST" / "best.pkl")
+    write_png(tmp_path / "f.png", np.zeros((8, 8), np.uint8))
+    assert t_models.main(["--input", str(tmp_path / "f.png"), "--out", str(tmp_path / "out")]) == 2
+    assert "--weights FILE" in capsys.readouterr().err

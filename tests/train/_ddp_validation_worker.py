@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from utils.train.config import parse_command_line  # noqa: E402
+from utils.train.distributed import barrier  # noqa: E402
 from utils.train.engine import read_parts  # noqa: E402
 from utils.train.loop import Trainer  # noqa: E402
 
@@ -30,5 +31,6 @@ if __name__ == "__main__":
         (out / f"rank{rank}.json").write_text(json.dumps({"scores": scores, "parts": parts}))
         if rank == 0:
             torch.save(trainer.model.state_dict(), out / "rank0.pt")
+        barrier(trainer.info)               # neither rank takes the process group down while the other still works
     finally:
         trainer.close()
