@@ -87,8 +87,8 @@ class DeployedDCONet(nn.Module):
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.plain and self.bf16
                     else nullcontext())
         x = x.to(self.device, torch.float32)
-        with torch.no_grad(), autocast:
-            outs = [self.run(chunk, return_stages=True) for chunk in x.split(self.sub_batch or len(x))]
+        with torch.no_grad(), autocast:     # stages only when asked for: keeping them costs time and memory
+            outs = [self.run(chunk, return_stages=return_stages) for chunk in x.split(self.sub_batch or len(x))]
         D = torch.cat([out[0] for out in outs]).float()
         T = torch.cat([out[1] for out in outs]).float()
         if not return_stages:
