@@ -184,12 +184,8 @@ class _ConvToOne(torch.autograd.Function):
 def conv_to_one_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The forward of ``conv_to_one`` (no autograd); the tap planes are summed in float32 at least. On a GPU, and
     while exporting (where the per-image loop would freeze the batch size), one float32 convolution."""
-    if exporting():
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                        padding=weight.shape[-1] // 2)
     c, k = weight.shape[1], weight.shape[-1]
-    if not _on_cpu(x):
+    if exporting() or not _on_cpu(x):
         dtype = torch.promote_types(x.dtype, torch.float32)
         return F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), padding=k // 2)
     n, _, h, w = x.shape
@@ -257,8 +253,10 @@ def exporting() -> bool:
     the graph as constants. While exporting, the deploy forms compute the same function with standard
     operators whose shapes come from the tensors (``utils/export/onnx_export.py`` checks the graph against
     PyTorch at three sizes)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)          # PyTorch 2.5 and later
-    return bool(is_exporting is not None and is_exporting())
+    return bool(_IS_EXPORTING is not None and _IS_EXPORTING())
+
+
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)          # PyTorch 2.5 and later
 
 
 def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
