@@ -2,8 +2,12 @@
 
     python benchmarks/profile_model.py --kind infer --variant deploy --batch 8
     python benchmarks/profile_model.py --kind train --variant cl-ckpt --batch 8 --rows 30
+    python benchmarks/profile_model.py --counts > ops.txt    # in two checkouts, then: diff ops_a.txt ops_b.txt
 
 Prints the operators sorted by their own time, grouped by input shape, for one call after two warm-up calls.
+With --counts it prints instead how many times each operator ran, sorted by name and without times: the same
+list from two versions of the code means they do the same work, which timings on a busy machine cannot show
+to a few percent.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
+    parser.add_argument("--counts", action="store_true",
+                        help="print each operator's number of calls, by name, and no times (to diff two versions)")
     args = parser.parse_args()
     known = INFER_VARIANTS if args.kind == "infer" else TRAIN_VARIANTS
     if args.variant not in known:
@@ -46,6 +52,12 @@ def main() -> None:
         run()
         if args.device == "cuda":
             torch.cuda.synchronize()
+    if args.counts:
+        counts = {event.key: event.count for event in prof.key_averages()}
+        for name in sorted(counts):
+            print(f"{name} {counts[name]}")
+        print(f"total {sum(counts.values())} calls of {len(counts)} operators")
+        return
     sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=args.rows,
                                                              max_name_column_width=36, max_shapes_column_width=60))
