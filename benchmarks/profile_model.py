@@ -2,7 +2,7 @@
 
     python benchmarks/profile_model.py --kind infer --variant deploy --batch 8
     python benchmarks/profile_model.py --kind train --variant cl-ckpt --batch 8 --rows 30
-    python benchmarks/profile_model.py --counts > ops.txt    # in two checkouts, then: diff ops_a.txt ops_b.txt
+    python benchmarks/profile_model.py --counts > /tmp/ops_a.txt    # in the other checkout: > /tmp/ops_b.txt; then diff
 
 Prints the operators sorted by their own time, grouped by input shape, for one call after two warm-up calls.
 With --counts it prints instead how many times each operator ran, sorted by name and without times: the same
