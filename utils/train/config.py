@@ -56,6 +56,10 @@ class TrainConfig:
                             AUGMENT_MODES)
     model: DCONetConfig = field(default_factory=DCONetConfig)
     mse_weight: float = setting(0.1, "loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)")
+    ema: float = setting(0.0, "> 0: also keep an exponential moving average of the weights and BatchNorm "
+                              "statistics, updated after every step with this decay (0.99: about the last 100 "
+                              "steps); validation, best.pkl and so the export use the average (0: off, as the "
+                              "release)")
     seed: int = setting(1, "seed of initialisation, shuffling, augmentation and the val split")
     val_split: float = setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
                                      "(0: validate on the test split, as the release)")
@@ -102,6 +106,8 @@ class TrainConfig:
         for name in ("crop_size", "save_iter_step", "log_every", "vis_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must lie in [0, 1), got {self.ema} (0.99 averages about the last 100 steps)")
         if not 0.0 <= self.val_split < 1.0:
             raise ValueError(f"val_split must lie in [0, 1), got {self.val_split}")
         if self.resume and self.overwrite:

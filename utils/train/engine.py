@@ -71,6 +71,7 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
                     scaler: torch.amp.GradScaler | None = None, mse_weight: float = 0.1,
                     autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo(),
                     on_step: Callable[[int, dict], None] | None = None,
+                    after_update: Callable[[], None] | None = None,
                     read_at: Callable[[int], bool] | None = None,
                     check_each_step: bool | None = None) -> dict[str, float]:
     """One pass over ``loader``: loss = SoftIoU(T, mask) + mse_weight * MSE(D, image), Adam step, poly step.
@@ -80,7 +81,8 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
     queues work ahead of a GPU. Each read calls ``on_step(step, parts)`` for every step read, in order (step
     1-based; the parts averaged over the ranks, with ``lr``, the learning rate that iteration used). A
     non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: on the CPU, where
-    reading costs nothing) before it reaches the weights, else at the next read. Returns the epoch's mean loss
+    reading costs nothing) before it reaches the weights, else at the next read. ``after_update()`` runs after
+    every optimizer step (a moving average of the weights, say). Returns the epoch's mean loss
     parts, the last ``lr`` used and ``iterations``.
     """
     net.train()
@@ -115,6 +117,8 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
         else:
             loss.backward()
             optimizer.step()
+        if after_update is not None:
+            after_update()
         scheduler.step()
         pending.append((steps, torch.stack([parts[key] for key in PARTS]), lr))
         if read_at is None or read_at(steps):

@@ -6,7 +6,8 @@
 One epoch and validation are ``utils.train.engine``'s free functions; the run folder, checkpoints and logs are
 ``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the release's
 run does, and best.pkl keeps the best of all of them; each validation redraws the run's curves.png from its
-log.txt (``utils.train.curves``).
+log.txt (``utils.train.curves``). With ``--ema`` the validations, best.pkl and the export use a moving average of the
+weights and BatchNorm statistics (``AveragedModel``), which latest.pkl keeps for resuming.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 import warnings
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model import DCONet, deploy, load_checkpoint
@@ -86,6 +88,9 @@ class Trainer:
                 and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
+        # the moving average of the weights and BatchNorm statistics, of the plain module (before SyncBN or DDP)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+                    if config.ema else None)
         if payload is not None:
             self._restore(payload)
         if config.sync_bn and self.info.enabled:
@@ -114,6 +119,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.progress.update({key: state.get(key, self.progress[key]) for key in self.progress})
         set_rng_state(state["rng"])
         self._continue_schedule(state["config"]["epochs"])
@@ -129,21 +136,30 @@ class Trainer:
                               f"{self.total_iterations} iterations from iteration {self.progress['global_step']} "
                               f"(lr {lr:.3e} now)")
 
+    def validated(self) -> torch.nn.Module:
+        """The module that validation scores and best.pkl holds: the weights' moving average with ``--ema``,
+        else the trained module itself."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _save(self, name: str, scores: dict | None = None) -> None:
         if not self.info.is_main:
             return
-        state = None
+        state, model = None, self.validated()
         if name == "latest.pkl":
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict()}
-        save_run_checkpoint(self.run_dir / name, self.model, self.config, dict(self.progress), scores, state)
+            state, model = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "scaler": self.scaler.state_dict()}, self.model
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+        save_run_checkpoint(self.run_dir / name, model, self.config, dict(self.progress), scores, state)
 
     # -- validation --------------------------------------------------------------------------------------
     def validate(self, epoch: int) -> dict[str, float]:
         """Scores on the val split (the folded inference module: the model's eval outputs to rounding); a new
         best mIoU writes best.pkl. ``epoch``: the (1-based) epoch this validation happens in."""
         dist_utils.broadcast_buffers(self.info, self.model)     # every rank validates (and saves) rank 0's model
-        net = deploy(self.model, bf16=self.config.runtime.bf16)
+        if self.ema is not None:
+            dist_utils.broadcast_buffers(self.info, self.ema.module)
+        net = deploy(self.validated(), bf16=self.config.runtime.bf16)
         scores = evaluate(net, self.data.val, device=self.device, batch_size=self.config.batch_size, info=self.info)
         p = self.progress
         improved = scores["mIoU"] > p["best_miou"]
@@ -205,6 +221,11 @@ class Trainer:
                 self.net.train()
         return on_step
 
+    def _after_update(self):
+        if self.ema is None:
+            return None
+        return lambda: self.ema.update_parameters(self.model)
+
     def _gpu_memory(self) -> str:
         if self.device.type != "cuda":
             return ""
@@ -239,6 +260,7 @@ class Trainer:
                                             autocast=lambda: autocast_context(self.device, config.runtime.bf16,
                                                                               config.amp, config.amp_dtype),
                                             on_step=self._on_step(epoch, bar, clock),
+                                            after_update=self._after_update(),
                                             read_at=self._read_at(p["global_step"]))
                 except NonFiniteLoss as error:
                     raise error.at(epoch, self.run_dir)
