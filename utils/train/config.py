@@ -56,10 +56,10 @@ class TrainConfig:
                             AUGMENT_MODES)
     model: DCONetConfig = field(default_factory=DCONetConfig)
     mse_weight: float = setting(0.1, "loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)")
-    ema: float = setting(0.0, "> 0: also keep an exponential moving average of the weights and BatchNorm "
-                              "statistics, updated after every step with this decay (0.99: about the last 100 "
-                              "steps); validation, best.pkl and so the export use the average (0: off, as the "
-                              "release)")
+    ema: float = setting(0.0, "> 0: also keep an exponential moving average of the weights, updated after every "
+                              "step with this decay (0.99: about the last 100 steps), with the BatchNorm statistics "
+                              "of the trained weights; validation, best.pkl and so the export use it (0: off, as "
+                              "the release)")
     seed: int = setting(1, "seed of initialisation, shuffling, augmentation and the val split")
     val_split: float = setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
                                      "(0: validate on the test split, as the release)")

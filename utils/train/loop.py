@@ -7,7 +7,7 @@ One epoch and validation are ``utils.train.engine``'s free functions; the run fo
 ``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the release's
 run does, and best.pkl keeps the best of all of them; each validation redraws the run's curves.png from its
 log.txt (``utils.train.curves``). With ``--ema`` the validations, best.pkl and the export use a moving average of the
-weights and BatchNorm statistics (``AveragedModel``), which latest.pkl keeps for resuming.
+weights (``AveragedModel``; BatchNorm statistics the trained module's), which latest.pkl keeps for resuming.
 """
 from __future__ import annotations
 
@@ -88,8 +88,11 @@ class Trainer:
                 and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
-        # the moving average of the weights and BatchNorm statistics, of the plain module (before SyncBN or DDP)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        # the moving average of the weights, of the plain module (before SyncBN or DDP). Its BatchNorm statistics
+        # are the trained module's, copied at each update: averaged statistics lag behind activations whose scale
+        # grows fast early on, and a model with them marked nothing on NUAA-SIRST for 350 iterations (mIoU 0
+        # where the averaged weights with the current statistics scored 0.57).
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=False)
                     if config.ema else None)
         if payload is not None:
             self._restore(payload)
