@@ -74,3 +74,13 @@ def test_a_resumed_run_continues_the_average(data_root, tmp_path, monkeypatch):
         assert torch.equal(value, b["train_state"]["ema"][key]), key
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_the_average_leaves_training_unchanged(data_root, tmp_path):
+    with_ema, without = tmp_path / "with", tmp_path / "without"
+    assert main(_args(data_root, with_ema, "--epochs", "2")) == 0
+    assert main([*_args(data_root, without, "--epochs", "2"), "--ema", "0"]) == 0
+    a, b = load_checkpoint(with_ema / "latest.pkl"), load_checkpoint(without / "latest.pkl")
+    assert "ema" not in b["train_state"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
