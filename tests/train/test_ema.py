@@ -1,6 +1,7 @@
 """--ema: validation and best.pkl use the moving average of the weights; latest.pkl keeps it for resuming."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,17 +10,9 @@ import torch
 import utils.train.engine as engine
 from model import load_checkpoint
 from run_0 import main
-from utils.data.synthetic_sets import write_dataset
 from utils.train.config import parse_command_line
 from utils.train.loop import fit
 from utils.train.run_dir import NonFiniteLoss
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "tiny", n_trainval=8, n_test=4, size=32, seed=3)
-    return root
 
 
 def _args(data_root: Path, out: Path, *extra: str) -> list[str]:
@@ -70,6 +63,8 @@ def test_a_resumed_run_continues_the_average(data_root, tmp_path, monkeypatch):
 
     a, b = load_checkpoint(straight / "latest.pkl"), load_checkpoint(broken / "latest.pkl")
     assert b["train_state"]["ema"]["n_averaged"].item() == 4
+    assert json.loads((broken / "config.json").read_text())["resume"] is False       # the recipe, to give back
+    assert load_checkpoint(broken / "best.pkl")["train_config"]["resume"] is False
     for key, value in a["train_state"]["ema"].items():
         assert torch.equal(value, b["train_state"]["ema"][key]), key
     for key, value in a["model"].items():

@@ -33,13 +33,6 @@ def parse_config(argv):
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "tiny", n_trainval=8, n_test=4, size=32, seed=3)
-    return root
-
-
 def _args(data_root: Path, out: Path, *extra: str) -> list[str]:
     return ["--dataset", "tiny", "--data-root", str(data_root), "--out", str(out), "--batch-size", "4",
             "--base-size", "32", "--stage-num", "1", "--lr", "1e-3", "--vis-images", "2", "--device", "cpu", *extra]
