@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from model import DCONetConfig
@@ -121,6 +121,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def recipe(self) -> dict:
+        """``to_dict()`` without resume and overwrite, which say how a run was started, not what it computes: the
+        settings config.json and best.pkl keep, to give back with --config (a resumed run's too)."""
+        return asdict(replace(self, resume=False, overwrite=False))
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -12,7 +12,6 @@ TensorBoard event files. Nothing in it is replaced silently:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import random
 import shutil
 import sys
@@ -173,7 +172,7 @@ def save_run_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig,
     ``progress``: epoch, global_step, best_miou, best_epoch, best_step. Written atomically."""
     meta = {"dataset": config.dataset, "base_size": config.base_size, "scores": scores or {}, **progress}
     if training_state is None:
-        save_checkpoint(path, model, meta=meta, train_config=replace(config, resume=False, overwrite=False).to_dict())
+        save_checkpoint(path, model, meta=meta, train_config=config.recipe())
     else:
         state = {"config": config.to_dict(), **training_state, **progress, "rng": rng_state()}
         save_checkpoint(path, model, meta=meta, train_state=state)
@@ -216,11 +215,8 @@ class RunLog:
             self.writer.add_images(tag, images, step)
 
     def write_config(self, config: TrainConfig) -> None:
-        """config.json: the run's settings, to give back with --config; a resumed run's too (without --resume,
-        which says how it was started, not what it computes)."""
         if self.enabled:
-            recipe = replace(config, resume=False, overwrite=False).to_dict()
-            (self.path.parent / "config.json").write_text(json.dumps(recipe, indent=1) + "\n")
+            (self.path.parent / "config.json").write_text(json.dumps(config.recipe(), indent=1) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
