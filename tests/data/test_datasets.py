@@ -325,8 +325,10 @@ def test_random_crop_pads_small_images_and_keeps_alignment(tmp_path):
     item = data[0]
     assert item["image"].shape == item["mask"].shape == (1, 48, 48)
     assert torch.equal(item["mask"], (item["image"] > 0.5).float())
+    plain = SirstDataset.from_folder(tmp_path, "aug", "trainval", mode="native", crop_size=48)[0]
     whole = SirstDataset.from_folder(tmp_path, "aug", "trainval", mode="native")[0]
-    assert item["image"].sum().item() == pytest.approx(whole["image"].sum().item())  # padded: nothing cut off
+    assert torch.equal(plain["image"][:, :32, :32], whole["image"])       # the frame whole, at the top left
+    assert torch.equal(plain["image"][:, 32:, :32], whole["image"].flip(1)[:, 1:17])  # reflected below, as export pads
     small = SirstDataset.from_folder(tmp_path, "aug", "trainval", base_size=32, crop_size=16, seed=2)
     crops = {small[i]["image"].shape for i in range(len(small))}
     assert crops == {(1, 16, 16)}

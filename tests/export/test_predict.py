@@ -8,8 +8,9 @@ from scipy.special import expit
 from torch import nn
 
 from model import DCONet, DCONetConfig, DeployedDCONet, StageOutput
-from utils.io.images import release_image
-from utils.export.predict import (Geometry, iter_predictions, pad_to_multiple, predict, prepare_model,
+from utils.io.images import PAD_MULTIPLE, pad_to_multiple, release_image
+from model.dconet import SIZE_MULTIPLE
+from utils.export.predict import (Geometry, iter_predictions, predict, prepare_model,
                              run_tiled, tile_cuts, tile_starts, to_png)
 from utils.io.runtime import resolve_device
 
@@ -51,6 +52,7 @@ class LocalModel(nn.Module):
 
 
 def test_pad_to_multiple_reflects_any_size():
+    assert PAD_MULTIPLE == SIZE_MULTIPLE, "utils.io.images pads to another multiple than the network needs"
     image = np.arange(12, dtype=np.float32).reshape(3, 4)
     padded = pad_to_multiple(image)
     assert padded.shape == (32, 32)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.augment import flips, native_view
 from utils.io.images import MASK_RESAMPLING, release_image, resize_mask_centres, resize_nearest, soft_labels, to_unit
 from utils.data.splits import (DatasetError, DatasetWarning, Pair, SplitFiles, locate_split, read_pair, size_problem,
                           split_train_val, validate_split)
@@ -62,8 +63,11 @@ class SirstDataset(Dataset):
         augment: random horizontal flip, vertical flip and transpose, each with p = 0.5 (the release uses
             them for sirst_aug only). Draws come from ``numpy.random.default_rng([seed, epoch, index])``:
             reproducible, independent of DataLoader workers and shuffling; call ``set_epoch`` every epoch.
-        crop_size: if set, a random crop_size x crop_size window (after the paper-mode resize), drawn with
-            the same generator; smaller images are zero-padded at the bottom/right first (mask pad = 0).
+        crop_size: if set, a random crop_size x crop_size window drawn with the same generator. Paper mode: after
+            the resize; smaller images are zero-padded at the bottom/right first (mask pad = 0). Native mode: a
+            window at a random ``scale`` that holds a target where the frame has one
+            (``utils.data.augment.native_view``; labels become hard, small targets kept).
+        scale: (low, high) resize factors of native-mode windows, drawn log-uniformly per sample.
         seed: seed of the augmentation and crop draws.
         allow_mask_resize: image/mask size mismatch policy; None: tolerated with a warning in paper mode,
             rejected in native mode; True: resize the mask (nearest) and report it; False: reject.
@@ -77,7 +81,8 @@ class SirstDataset(Dataset):
 
     def __init__(self, files: SplitFiles, *, mode: str = "paper", base_size: int = 256, augment: bool = False,
                  crop_size: int | None = None, seed: int = 1, allow_mask_resize: bool | None = None,
-                 cache: bool = False, validate: bool = True, mask_resampling: str = "release"):
+                 cache: bool = False, validate: bool = True, mask_resampling: str = "release",
+                 scale: tuple[float, float] = (1.0, 1.0)):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mask_resampling not in MASK_RESAMPLING:
@@ -89,6 +94,11 @@ class SirstDataset(Dataset):
         self.name = f"{files.name}/{files.split}"
         self.pairs = list(files.pairs)
         self.mode, self.base_size, self.augment, self.crop_size, self.seed = mode, base_size, augment, crop_size, seed
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
+        if scale != (1.0, 1.0) and not (mode == "native" and crop_size):
+            raise ValueError("a random scale needs native mode with a crop size (the native geometry's windows)")
+        self.scale = tuple(scale)
         if allow_mask_resize is None:
             allow_mask_resize = mode == "paper"
         self.allow_mask_resize = allow_mask_resize
@@ -125,6 +135,8 @@ class SirstDataset(Dataset):
         """One line for the start-up log."""
         geometry = f"resized to {self.base_size}x{self.base_size}" if self.mode == "paper" else "native size"
         crop = f", random crop {self.crop_size}" if self.crop_size else ""
+        if self.scale != (1.0, 1.0):
+            crop += f" at scales {self.scale[0]:g}-{self.scale[1]:g}"
         augment = ", flips+transpose" if self.augment else ""
         cache = ", cached" if self._cache is not None else ""
         return f"{self.name}: {len(self)} images, {geometry}{crop}{augment}{cache}"
@@ -154,7 +166,9 @@ class SirstDataset(Dataset):
 
     def _augment(self, image: np.ndarray, mask: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        if self.crop_size:
+        if self.crop_size and self.mode == "native":
+            image, mask = native_view(image, mask, rng, size=self.crop_size, scale=self.scale)
+        elif self.crop_size:
             c = self.crop_size
             pad_y, pad_x = max(c - image.shape[0], 0), max(c - image.shape[1], 0)
             if pad_y or pad_x:
@@ -164,13 +178,7 @@ class SirstDataset(Dataset):
             left = int(rng.integers(0, image.shape[1] - c + 1))
             image, mask = image[top:top + c, left:left + c], mask[top:top + c, left:left + c]
         if self.augment:
-            flip_h, flip_v, transpose = rng.random(3) < 0.5
-            if flip_h:
-                image, mask = image[:, ::-1], mask[:, ::-1]
-            if flip_v:
-                image, mask = image[::-1, :], mask[::-1, :]
-            if transpose:
-                image, mask = image.T, mask.T
+            image, mask = flips(image, mask, rng)
         return image, mask
 
     def __getitem__(self, index: int) -> dict:
@@ -205,7 +213,8 @@ def _estimated_bytes(n: int, base_size: int) -> int:
 def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256, augment: bool | None = None,
                    crop_size: int | None = None, val_split: float = 0.0, seed: int = 1,
                    cache: bool | None = None, allow_mask_resize: bool | None = None,
-                   mode: str = "paper", mask_resampling: str = "release") -> DataSplits:
+                   mode: str = "paper", mask_resampling: str = "release",
+                   scale: tuple[float, float] = (1.0, 1.0)) -> DataSplits:
     """Build and check the train, val and test sets of ``<data_root>/<dataset>``.
 
     Args:
@@ -219,7 +228,9 @@ def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256,
         seed: seed of the val split and of the augmentation draws.
         cache: keep decoded, resized images in memory; None: when the whole set needs under 1 GiB.
         allow_mask_resize: size-mismatch policy, see ``SirstDataset`` (None: tolerated in paper mode).
-        mode: geometry of all three sets, ``"paper"`` or ``"native"``.
+        mode: geometry of all three sets, ``"paper"`` or ``"native"`` (the train set then in windows of
+            ``crop_size`` or, by default, ``base_size``; masks of another size than their image resized to it).
+        scale: (low, high) random resize factors of the native train windows (``SirstDataset``).
         mask_resampling: how paper mode resizes the masks of all three sets, see ``SirstDataset``.
 
     Raises:
@@ -254,7 +265,11 @@ def build_datasets(data_root: str | Path, dataset: str, *, base_size: int = 256,
         if val_split and not (trainval.problems or len(trainval) >= 2):
             errors.append(f"data set {dataset}/trainval has {len(trainval)} pair(s); --val-split needs at least 2")
         train_files, val_files = trainval, None
-    train_set = make(train_files, augment=augment, crop_size=crop_size)
+    if mode == "native":
+        crop_size = crop_size or base_size
+        if allow_mask_resize is None:
+            common["allow_mask_resize"] = True
+    train_set = make(train_files, augment=augment, crop_size=crop_size, scale=scale)
     val_set = make(val_files) if val_files is not None else None
     test_set = make(test)
     if errors:

@@ -31,7 +31,7 @@ from torch import nn
 
 from model import DeployedDCONet, deploy
 from model.dconet import SIZE_MULTIPLE, StageOutput
-from utils.io.images import release_image, to_unit
+from utils.io.images import pad_to_multiple, release_image, to_unit
 from utils.io.runtime import resolve_device
 
 MAPS_PER_STAGE = 3                 # B, T, D: the channel order of the map stacks below
@@ -87,8 +87,13 @@ def trained_geometry(info: dict, resize: int | None = None, native: bool = False
         return (Geometry(None, tile, overlap),
                 f"native size, padded to a multiple of {SIZE_MULTIPLE} (--native; this project's, not the release's)")
     trained, why = RELEASE_SIZE, "a release best.pkl: the release trains and exports at 256x256"
+    train_config = info.get("train_config") or {}
+    if info.get("kind") == "project" and train_config.get("geometry") == "native" and resize is None:
+        return (Geometry(None, tile, overlap),
+                f"native size, padded to a multiple of {SIZE_MULTIPLE} (the weights were trained at native scale: "
+                f"--geometry native)")
     if info.get("kind") == "project":
-        size = info.get("meta", {}).get("base_size") or (info.get("train_config") or {}).get("base_size")
+        size = info.get("meta", {}).get("base_size") or train_config.get("base_size")
         if size:
             trained, why = int(size), "the size this checkpoint was trained at"
         else:
@@ -166,21 +171,6 @@ def model_device(model) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------
 # Geometry
 # ----------------------------------------------------------------------------------------------------------
-
-def padded_size(h: int, w: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
-
-
-def pad_to_multiple(image: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndarray:
-    """Reflect-pad (H, W) at the bottom and right to multiples of ``multiple``. numpy reflects repeatedly when the
-    padding is wider than the image, and an image one pixel wide is repeated."""
-    h, w = image.shape
-    ph, pw = padded_size(h, w, multiple)
-    if (ph, pw) == (h, w):
-        return image
-    mode = "reflect" if min(h, w) > 1 else "edge"
-    return np.pad(image, ((0, ph - h), (0, pw - w)), mode=mode)
-
 
 def network_input(image: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The (H', W') float32 array the network runs on: resized as the release does, or padded to multiples of 32.

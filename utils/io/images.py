@@ -184,3 +184,27 @@ def release_targets(mask: np.ndarray, size: tuple[int, int] | None = None) -> np
     if not peak > 0:
         return np.zeros(resized.shape, dtype=np.bool_)
     return resized == peak
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Padding to the network's size multiple
+# ----------------------------------------------------------------------------------------------------------
+
+PAD_MULTIPLE = 32   # DCONet's input sides are multiples of 32 (model.dconet.SIZE_MULTIPLE: five 2x2 poolings)
+
+
+def padded_size(h: int, w: int, multiple: int = PAD_MULTIPLE) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of ``multiple``."""
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """Reflect-pad (H, W) at the bottom and right to multiples of ``multiple``, the native geometry of export and
+    training. numpy reflects repeatedly when the padding is wider than the image; an image one pixel wide is
+    repeated."""
+    h, w = image.shape
+    ph, pw = padded_size(h, w, multiple)
+    if (ph, pw) == (h, w):
+        return image
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    return np.pad(image, ((0, ph - h), (0, pw - w)), mode=mode)

@@ -20,7 +20,8 @@ from utils.io.images import MASK_RESAMPLING
 from utils.io.runtime import RETIRED, RuntimeOptions, flag_name, setting
 
 AUGMENT_MODES = ("auto", "on", "off")
-MEMORY_FORMATS = ("contiguous", "channels_last")
+MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
+GEOMETRIES = ("resize", "native")
 KERNELS = ("fast", "plain")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 # A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
@@ -47,7 +48,26 @@ class TrainConfig:
     poly_power: float = setting(0.9, "poly schedule: lr = base * (1 - it / total) ** power, stepped every iteration")
     base_size: int = setting(256, "images resized to base_size x base_size as the release does (8-bit image "
                                    "INTER_LINEAR then /255; mask INTER_NEAREST, labels mask/max)")
-    crop_size: int = setting(0, "> 0: train on random crops of this size (after the resize)")
+    crop_size: int = setting(0, "> 0: train on random crops of this size (after the resize; with --geometry native "
+                                "the window size, default base_size)")
+    geometry: str = setting("resize", "how frames reach the network in training and validation: resize (the "
+                                      "release: every frame resized to base_size x base_size) or native (each frame "
+                                      "at its own scale: training on random base_size windows that hold a target, "
+                                      "rescaled by --scale-min..--scale-max; validation on whole frames padded to "
+                                      "multiples of 32, as t_models.py --native exports)", GEOMETRIES)
+    scale_min: float = setting(1.0, "with --geometry native: the smallest random resize factor of a training window "
+                                    "(factors are drawn log-uniformly per sample)")
+    scale_max: float = setting(1.0, "with --geometry native: the largest random resize factor of a training window")
+    negatives: str = setting("", "frames with no target mixed into training: a folder of images, or a data set "
+                                 "folder whose trainval masks are all empty (e.g. SIRST-V2's background frames); "
+                                 "part of them held out by whole groups (--negative-val-split) to count false "
+                                 "targets per frame in validation")
+    negative_rate: float = setting(0.25, "with --negatives: the fraction of each epoch's samples that are negatives")
+    negative_val_split: float = setting(0.2, "with --negatives: hold out at least this fraction of the negative "
+                                             "frames, as whole groups (a sensor or sequence: the file stem without "
+                                             "its trailing number)")
+    negative_val_every: int = setting(1, "with --negatives: count false targets on the held-out negatives at the end "
+                                         "of every this many epochs (and of the last)", changeable=True)
     mask_resampling: str = setting("release", "how masks are resized to base_size: release (cv2.INTER_NEAREST, "
                                                "as the release; small targets' labels shift by up to half a pixel "
                                                "against the image) or centres (nearest at pixel centres, aligned "
@@ -76,7 +96,10 @@ class TrainConfig:
                                    "(SyncBatchNorm) instead of each rank's share", changeable=True)
     memory_format: str = setting("contiguous", "activation layout in training: contiguous (NCHW) or channels_last "
                                                 "(NHWC: faster steps on the CPU, but PyTorch's channels_last "
-                                                "BatchNorm sums batch statistics less exactly)", MEMORY_FORMATS, changeable=True)
+                                                "BatchNorm sums batch statistics less exactly; which is faster "
+                                                "depends on the CPU) or auto (on the CPU a probe of a few steps of "
+                                                "each at the start of the run keeps the faster, as cudnn.benchmark "
+                                                "does; on a GPU contiguous)", MEMORY_FORMATS, changeable=True)
     kernels: str = setting("fast", "training kernels: fast (the blocks' speed kernels, the same results to float "
                                     "rounding: the BSGU's gates as one composed 5x5 convolution; on the CPU also "
                                     "hand-written one-channel convolutions, on CUDA cuDNN's) or plain (the paper's "
@@ -98,6 +121,18 @@ class TrainConfig:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"--scale-min and --scale-max must satisfy 0 < min <= max, got {self.scale_min}, "
+                             f"{self.scale_max}")
+        if (self.scale_min, self.scale_max) != (1.0, 1.0) and self.geometry != "native":
+            raise ValueError("--scale-min/--scale-max rescale native-geometry windows: add --geometry native")
+        if not 0 < self.negative_rate < 1 or not 0 <= self.negative_val_split < 1:
+            raise ValueError(f"--negative-rate must lie in (0, 1) and --negative-val-split in [0, 1), got "
+                             f"{self.negative_rate} and {self.negative_val_split}")
+        if self.negative_val_every < 1:
+            raise ValueError(f"negative_val_every must be at least 1, got {self.negative_val_every}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
         for name in ("epochs", "batch_size", "base_size"):

@@ -22,6 +22,8 @@ from utils.train.losses import dconet_loss
 from utils.train.run_dir import NonFiniteLoss
 from utils.score.metrics import Evaluator
 from utils.score.protocols import PRESETS
+from utils.score.components import components
+from utils.io.images import pad_to_multiple, padded_size
 
 # In-training validation, as the release's: pixels with T > 0 against the pixels at the mask's maximum, at the
 # training size, summed over the set (mIoU); the other scores by the standard protocol's rules.
@@ -131,16 +133,24 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, dataset, indices: list[int], *, device: torch.device,
                    batch_size: int = 8, autocast: Callable = nullcontext) -> dict[int, np.ndarray]:
-    """Target logits T (H, W) float32 of the given samples of ``dataset``, keyed by index, in eval mode."""
+    """Target logits T (H, W) float32 of the given samples of ``dataset``, keyed by index, in eval mode. Images of
+    any size: each is reflect-padded to multiples of 32 and its T cropped back (native geometry); images of one
+    padded size share batches."""
     model.eval()
+    images = {i: dataset[i]["image"][0].numpy() for i in indices}
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        by_size.setdefault(padded_size(*images[i].shape), []).append(i)
     out: dict[int, np.ndarray] = {}
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        images = torch.stack([dataset[i]["image"] for i in chunk]).to(device)
-        with autocast():
-            _, T = model(images)
-        for i, t in zip(chunk, T.float().cpu().numpy()):
-            out[i] = t[0]
+    for same in by_size.values():
+        for start in range(0, len(same), batch_size):
+            chunk = same[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([pad_to_multiple(images[i]) for i in chunk]))[:, None].to(device)
+            with autocast():
+                _, T = model(batch)
+            for i, t in zip(chunk, T.float().cpu().numpy()):
+                h, w = images[i].shape
+                out[i] = t[0, :h, :w]
     return out
 
 
@@ -160,3 +170,16 @@ def evaluate(model: torch.nn.Module, dataset, *, device: torch.device, batch_siz
             evaluator.update(merged[i], target_pixels(item["mask"][0].numpy()), name=item["stem"])
         scores = evaluator.compute()
     return dist_utils.broadcast_object(info, scores)
+
+
+def false_targets(model: torch.nn.Module, frames, *, device: torch.device, batch_size: int = 8,
+                  info: dist_utils.DistInfo = dist_utils.DistInfo()) -> dict[str, float]:
+    """Targets raised on frames that hold none (``utils.data.negatives``, each as a validation sample at the
+    validation geometry): every 8-connected component of T > 0 is a false target. Returns {"FT/frame": false
+    targets per frame, "FT-frames": the fraction of frames with at least one}."""
+    shard = list(range(info.rank, len(frames), info.world_size))
+    logits = predict_logits(model, frames, shard, device=device, batch_size=batch_size)
+    counts = [n for part in dist_utils.gather_objects(info, {i: components(t > 0).n for i, t in logits.items()})
+              for n in part.values()]
+    total = max(len(counts), 1)
+    return {"FT/frame": sum(counts) / total, "FT-frames": sum(c > 0 for c in counts) / total}

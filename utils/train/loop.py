@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -22,9 +21,9 @@ from tqdm import tqdm
 from model import DCONet, deploy, load_checkpoint
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
-from utils.data.datasets import build_datasets
-from utils.data.splits import DatasetWarning
-from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch
+from utils.train.engine import autocast_context, evaluate, false_targets, predict_logits, train_one_epoch
+from utils.train.layout import choose_memory_format
+from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
 from utils.io.runtime import amp_dtype, resolve_device
@@ -64,22 +63,18 @@ class Trainer:
         if config.dataset == "demo" and self.info.is_main:
             ensure_demo_dataset(config.data_root)
         dist_utils.barrier(self.info)
-        with warnings.catch_warnings(record=True) as caught:     # tolerated data problems go to the log
-            warnings.simplefilter("always", DatasetWarning)
-            self.data = build_datasets(config.data_root, config.dataset, base_size=config.base_size,
-                                       augment=config.augment_enabled(), crop_size=config.crop_size or None,
-                                       val_split=config.val_split, seed=config.seed,
-                                       mask_resampling=config.mask_resampling)
-        self.notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
-        for other in (w for w in caught if not issubclass(w.category, DatasetWarning)):
-            warnings.warn(other.message, other.category)
+        self.data, self.negatives, self.notes = run_data(config)    # negatives: held out, or None
         self.loader = make_loader(self.data.train, config, train=True, epoch=0, info=self.info, device=self.device)
         self.iters_per_epoch = len(self.loader)
         self.total_iterations = config.epochs * self.iters_per_epoch
 
         self.model = DCONet(config.model).to(self.device)
-        self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
-        self.model.use_kernels(config.kernels == "fast")
+        self.model.set_checkpointing(config.checkpointing).use_kernels(config.kernels == "fast")
+        side = config.crop_size or config.base_size
+        layout, note = choose_memory_format(config.memory_format, self.model, (config.batch_size, 1, side, side),
+                                            self.device, self.info)
+        self.notes += [note] if note else []
+        self.model.set_channels_last(layout == "channels_last")
         # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True if self.device.type == "cuda" else None)
@@ -156,14 +151,20 @@ class Trainer:
         save_run_checkpoint(self.run_dir / name, model, self.config, dict(self.progress), scores, state)
 
     # -- validation --------------------------------------------------------------------------------------
-    def validate(self, epoch: int) -> dict[str, float]:
+    def validate(self, epoch: int, epoch_end: bool = False) -> dict[str, float]:
         """Scores on the val split (the folded inference module: the model's eval outputs to rounding); a new
-        best mIoU writes best.pkl. ``epoch``: the (1-based) epoch this validation happens in."""
+        best mIoU writes best.pkl. ``epoch``: the (1-based) epoch this validation happens in; at the end of every
+        ``negative_val_every``-th epoch (``epoch_end``) and of the last, also false targets per frame on the
+        held-out negatives."""
         dist_utils.broadcast_buffers(self.info, self.model)     # every rank validates (and saves) rank 0's model
         if self.ema is not None:
             dist_utils.broadcast_buffers(self.info, self.ema.module)
         net = deploy(self.validated(), bf16=self.config.runtime.bf16)
         scores = evaluate(net, self.data.val, device=self.device, batch_size=self.config.batch_size, info=self.info)
+        every = self.config.negative_val_every
+        if self.negatives is not None and epoch_end and (epoch % every == 0 or epoch == self.config.epochs):
+            scores.update(false_targets(net, self.negatives, device=self.device, batch_size=self.config.batch_size,
+                                        info=self.info))
         p = self.progress
         improved = scores["mIoU"] > p["best_miou"]
         if improved:
@@ -187,6 +188,8 @@ class Trainer:
         logits = predict_logits(net, self.data.val, shown, device=self.device)
         rows = [torch.cat([self.data.val[i]["image"], self.data.val[i]["mask"],
                            torch.sigmoid(torch.from_numpy(logits[i]))[None]], dim=2) for i in shown]
+        h, w = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)    # native frames differ in size
+        rows = [torch.nn.functional.pad(r, (0, w - r.shape[2], 0, h - r.shape[1])) for r in rows]
         self.log.images("val/image_mask_prediction", torch.stack(rows), self.progress["global_step"])
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -240,6 +243,8 @@ class Trainer:
             print("DCONet training:")
             for part in ("train", "val"):
                 print(f"  {part}: {getattr(self.data, part).describe()}")
+            if self.negatives is not None:
+                print(f"  held-out {self.negatives.describe()}")
             print(f"  device {self.device} ({self.malloc}), {self.info.world_size} process(es), "
                   f"{self.iters_per_epoch} iterations per epoch, {self.total_iterations} in all; writing to "
                   f"{self.run_dir}", flush=True)
@@ -270,7 +275,7 @@ class Trainer:
                 p["epoch"] = epoch
                 losses = ", ".join(f"{k} {stats[k]:.4f}" for k in ("loss", "soft_iou", "mse"))
                 self.log(f"epoch {epoch}/{config.epochs} done - {losses} - lr {stats['lr']:.3e} (last used)")
-                self.validate(epoch)
+                self.validate(epoch, epoch_end=True)
                 self._save("latest.pkl")
                 dist_utils.barrier(self.info)
         finally:
