@@ -7,7 +7,7 @@ One epoch and validation are ``utils.train.engine``'s free functions; the run fo
 ``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the release's
 run does, and best.pkl keeps the best of all of them; each validation redraws the run's curves.png from its
 log.txt (``utils.train.curves``). With ``--ema`` the validations, best.pkl and the export use a moving average of the
-weights (``AveragedModel``; BatchNorm statistics the trained module's), which latest.pkl keeps for resuming.
+weights (``utils.train.ema``; BatchNorm statistics the trained module's), which latest.pkl keeps for resuming.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import time
 import warnings
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model import DCONet, deploy, load_checkpoint
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
+from utils.train.ema import WeightAverage
 from utils.data.datasets import build_datasets
 from utils.data.splits import DatasetWarning
 from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch
@@ -88,12 +88,9 @@ class Trainer:
                 and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
-        # the moving average of the weights, of the plain module (before SyncBN or DDP). Its BatchNorm statistics
-        # are the trained module's, copied at each update: averaged statistics lag behind activations whose scale
-        # grows fast early on, and a model with them marked nothing on NUAA-SIRST for 350 iterations (mIoU 0
-        # where the averaged weights with the current statistics scored 0.57).
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=False)
-                    if config.ema else None)
+        # the moving average of the weights, of the plain module (before SyncBN or DDP); its BatchNorm statistics
+        # are the trained module's (``WeightAverage`` says why)
+        self.ema = WeightAverage(self.model, config.ema) if config.ema else None
         if payload is not None:
             self._restore(payload)
         if config.sync_bn and self.info.enabled:
@@ -227,7 +224,7 @@ class Trainer:
     def _after_update(self):
         if self.ema is None:
             return None
-        return lambda: self.ema.update_parameters(self.model)
+        return lambda: self.ema.update(self.model)
 
     def _gpu_memory(self) -> str:
         if self.device.type != "cuda":
