@@ -1,10 +1,11 @@
 """torchrun and the devices: LOCAL_RANK against the GPUs, validation of one model over ranks, the logged loss as
-the mean over ranks, and resuming a run saved with any number of GPUs."""
+the mean over ranks, and resuming a run saved with any number of GPUs or processes (the schedule continuous)."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import DCONet, DCONetConfig, deploy
+from model import DCONet, DCONetConfig, deploy, load_checkpoint
+from run_0 import main
 from utils.data.datasets import build_datasets
 from utils.data.synthetic_sets import write_dataset
 from utils.train import distributed as dist_utils
@@ -102,3 +104,45 @@ def test_validation_under_two_ranks_scores_rank_0s_model_and_logs_the_mean_loss(
     for rank in ranks:            # rank r's parts were (1, 2, 4) * (r + 1): the mean over ranks is 1.5x
         step, parts = rank["parts"][0]
         assert step == 7 and parts == {"loss": 1.5, "soft_iou": 3.0, "mse": 6.0, "lr": 0.5}
+
+
+def _torchrun(*args: str, nproc: int = 2, cwd: Path = REPO, nodes: str = "1") -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc ARGS`` on this machine (gloo on the CPU), its output kept."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nodes, "--nproc_per_node", str(nproc),
+               *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _passed(result: subprocess.CompletedProcess) -> bool:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return True
+
+
+_TRAIN_LINE = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+) \(total \d+/\d+\) - .* - lr (\S+) - ")
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_another_number_of_ranks_continues_its_schedule(tmp_path):
+    root = tmp_path / "data"
+    write_dataset(root, "tiny", n_trainval=8, n_test=2, size=32, seed=3)
+    out = tmp_path / "run"
+    args = ["--dataset", "tiny", "--data-root", str(root), "--out", str(out), "--batch-size", "2", "--base-size",
+            "32", "--stage-num", "1", "--lr", "1e-3", "--epochs", "4", "--log-every", "1", "--save-iter-step", "0",
+            "--vis-images", "0", "--device", "cpu"]
+    # two ranks train 2 of the 4 epochs at 2 iterations each, then one process the other 2 at 4 iterations each
+    assert _passed(_torchrun("--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                             str(REPO / "tests" / "train" / "_ddp_worker.py"), "--stop-after", "2", *args))
+    assert main([*args, "--resume"]) == 0
+
+    log = (out / "log.txt").read_text()
+    lines = [[float(v) for v in m.groups()] for m in _TRAIN_LINE.finditer(log)]
+    assert [(e, per_epoch) for e, _, _, per_epoch, _ in lines] == [(1, 2)] * 2 + [(2, 2)] * 2 + [(3, 4)] * 4 + [(4, 4)] * 4
+    for epoch, epochs, step, per_epoch, lr in lines:          # each step used lr(fraction of the run done before it)
+        done = (epoch - 1 + (step - 1) / per_epoch) / epochs
+        assert lr == pytest.approx(1e-3 * (1 - done) ** 0.9, rel=1e-3), (epoch, step)
+    assert "2 -> 4 iterations per epoch (saved by 2 process(es), resumed by 1)" in log
+    assert "count rescaled 4 -> 8 of 16" in log
+    state = load_checkpoint(out / "latest.pkl")["train_state"]
+    assert state["global_step"] == 4 + 8 and state["scheduler"]["last_epoch"] == 16
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0          # the run ends at lr 0

@@ -75,7 +75,7 @@ class Trainer:
             warnings.warn(other.message, other.category)
         self.loader = make_loader(self.data.train, config, train=True, epoch=0, info=self.info, device=self.device)
         self.iters_per_epoch = len(self.loader)
-        self.total_iterations = config.epochs * self.iters_per_epoch
+        self.total_iterations = config.epochs * self.iters_per_epoch     # of the run; a resumed one may differ
 
         self.model = DCONet(config.model).to(self.device)
         self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
@@ -83,7 +83,7 @@ class Trainer:
         # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True if self.device.type == "cuda" else None)
-        self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
+        self.scheduler = poly_scheduler(self.optimizer, config.epochs * self.iters_per_epoch, config.poly_power)
         fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
                 and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -123,14 +123,29 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.progress.update({key: state.get(key, self.progress[key]) for key in self.progress})
         set_rng_state(state["rng"])
-        self._continue_schedule(state["config"]["epochs"])
+        self._continue_schedule(state["config"]["epochs"], state.get("world_size"))
 
-    def _continue_schedule(self, stored_epochs: int) -> None:
-        done = self.progress["epoch"]
+    def _continue_schedule(self, stored_epochs: int, stored_world_size: int | None) -> None:
+        """The schedule and the iteration counts of a run resumed after ``progress["epoch"]`` epochs.
+
+        The log's iteration count (``global_step``) goes on from the stored one. The schedule's count is the
+        fraction of the run done in this run's iterations: epochs done x iterations per epoch, which differs from
+        the stored count when the run was saved with another number of processes (a note says so)."""
+        done, p = self.progress["epoch"], self.progress
         if self.config.epochs < done:
             raise TrainingError(f"--epochs {self.config.epochs}: {self.run_dir} has already trained {done} epochs; "
                                 f"give a total of {done} or more (the run's own is {stored_epochs})")
-        lr = continue_schedule(self.scheduler)
+        stored_count, count = self.scheduler.last_epoch, done * self.iters_per_epoch
+        lr = continue_schedule(self.scheduler, count)
+        self.total_iterations = p["global_step"] + (self.config.epochs - done) * self.iters_per_epoch
+        if count != stored_count:
+            saved_by = f"{stored_world_size} process(es)" if stored_world_size else "an earlier version"
+            self.notes.append(f"{stored_count // done} -> {self.iters_per_epoch} iterations per epoch (saved by "
+                              f"{saved_by}, resumed by {self.info.world_size}): the poly schedule continues from the "
+                              f"same point of the run, epoch {done} of {self.config.epochs}, its count rescaled "
+                              f"{stored_count} -> {count} of {self.config.epochs * self.iters_per_epoch} (lr {lr:.3e} "
+                              f"now); the log counts on from iteration {p['global_step']}, {self.total_iterations} in "
+                              f"all")
         if self.config.epochs != stored_epochs:
             self.notes.append(f"epochs {stored_epochs} -> {self.config.epochs}: the poly schedule continues over "
                               f"{self.total_iterations} iterations from iteration {self.progress['global_step']} "
@@ -147,7 +162,7 @@ class Trainer:
         state, model = None, self.validated()
         if name == "latest.pkl":
             state, model = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "scaler": self.scaler.state_dict()}, self.model
+                            "scaler": self.scaler.state_dict(), "world_size": self.info.world_size}, self.model
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
         save_run_checkpoint(self.run_dir / name, model, self.config, dict(self.progress), scores, state)
