@@ -137,7 +137,8 @@ def test_a_run_resumed_with_another_number_of_ranks_continues_its_schedule(tmp_p
 
     log = (out / "log.txt").read_text()
     lines = [[float(v) for v in m.groups()] for m in _TRAIN_LINE.finditer(log)]
-    assert [(e, per_epoch) for e, _, _, per_epoch, _ in lines] == [(1, 2)] * 2 + [(2, 2)] * 2 + [(3, 4)] * 4 + [(4, 4)] * 4
+    epochs_seen = [(epoch, per_epoch) for epoch, _, _, per_epoch, _ in lines]
+    assert epochs_seen == [(1, 2)] * 2 + [(2, 2)] * 2 + [(3, 4)] * 4 + [(4, 4)] * 4
     for epoch, epochs, step, per_epoch, lr in lines:          # each step used lr(fraction of the run done before it)
         done = (epoch - 1 + (step - 1) / per_epoch) / epochs
         assert lr == pytest.approx(1e-3 * (1 - done) ** 0.9, rel=1e-3), (epoch, step)
@@ -146,3 +147,50 @@ def test_a_run_resumed_with_another_number_of_ranks_continues_its_schedule(tmp_p
     state = load_checkpoint(out / "latest.pkl")["train_state"]
     assert state["global_step"] == 4 + 8 and state["scheduler"]["last_epoch"] == 16
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.0          # the run ends at lr 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --sync-bn: the statistics of every rank's batch, for every BatchNorm, MDCR's shared one included
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_synchronised_batch_norm_computes_that_of_the_whole_batch(tmp_path):
+    assert _passed(_torchrun("--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                             str(REPO / "tests" / "train" / "_sync_bn_worker.py"), str(tmp_path)))
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    try:
+        from _sync_bn_worker import SHARES, batch
+    finally:
+        sys.path.remove(str(REPO / "tests" / "train"))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    whole = batch()                      # one process over the whole batch, as nn.BatchNorm2d in training
+    x = whole["x"].clone().requires_grad_(True)
+    weight, bias = whole["weight"].clone().requires_grad_(True), whole["bias"].clone().requires_grad_(True)
+    y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
+    (y * whole["r"]).sum().backward()
+    close = dict(rtol=1e-5, atol=1e-5)
+    for rank, share in zip(ranks, SHARES):
+        torch.testing.assert_close(rank["y"], y[share].detach(), **close)
+        torch.testing.assert_close(rank["grad_x"], x.grad[share], **close)
+        torch.testing.assert_close(rank["mean"], whole["x"].mean(dim=(0, 2, 3)), **close)
+        torch.testing.assert_close(rank["var"], whole["x"].var(dim=(0, 2, 3)), **close)      # unbiased
+    # weight and bias: each rank's share; DistributedDataParallel sums them (and divides by the ranks)
+    torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], weight.grad, **close)
+    torch.testing.assert_close(ranks[0]["grad_bias"] + ranks[1]["grad_bias"], bias.grad, **close)
+
+
+@pytest.mark.slow
+def test_sync_bn_under_two_ranks_takes_every_batchnorms_statistics_over_the_whole_batch(data_root, tmp_path):
+    args = ["--dataset", "tiny", "--data-root", str(data_root), "--base-size", "32", "--stage-num", "2",
+            "--epochs", "1", "--save-iter-step", "0", "--vis-images", "0", "--device", "cpu"]
+    # one step over the 8 images: two ranks of 4 each, and one process with all 8
+    assert _passed(_torchrun("--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                             str(REPO / "tests" / "train" / "_ddp_worker.py"), *args, "--out",
+                             str(tmp_path / "ranks"), "--batch-size", "4", "--sync-bn"))
+    assert main([*args, "--out", str(tmp_path / "alone"), "--batch-size", "8"]) == 0
+    ranks, alone = (load_checkpoint(tmp_path / name / "latest.pkl")["model"] for name in ("ranks", "alone"))
+    statistics = [key for key in alone if "running_" in key]
+    assert any(".mix.norm." in key for key in statistics) and len(statistics) > 20
+    for key in statistics:
+        torch.testing.assert_close(ranks[key], alone[key], rtol=1e-4, atol=1e-5, msg=lambda text: f"{key}: {text}")

@@ -1,4 +1,5 @@
-"""--ema: validation and best.pkl use the moving average of the weights; latest.pkl keeps it for resuming. The\naverage computes what AveragedModel does, without reading from the device and in a few multi-tensor operations."""
+"""--ema: validation and best.pkl use the moving average of the weights; latest.pkl keeps it for resuming. The
+average computes what AveragedModel does, without reading from the device and in a few multi-tensor operations."""
 from __future__ import annotations
 
 import json

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from model import DCONet, deploy, load_checkpoint
+from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.train.ema import WeightAverage
@@ -94,9 +95,7 @@ class Trainer:
         if payload is not None:
             self._restore(payload)
         if config.sync_bn and self.info.enabled:
-            if self.device.type != "cuda":
-                raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); leave it out on the CPU")
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            synchronise_batchnorm(self.model)       # every BatchNorm, MDCR's shared one included; the same tensors
         elif config.sync_bn:
             self.notes.append("--sync-bn changes nothing in a single process (it acts under torchrun)")
         self.net = self.model
