@@ -100,7 +100,7 @@ class MDCR(Reparameterizable):
         """The per-channel mean and unbiased variance (as BatchNorm's) of x (N, 4*G, H, W), in float32."""
         count = x.numel() // x.shape[1]
         x = x.float()                     # under autocast x is bf16 or fp16: the statistics are taken in float32
-        return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=count > 1)
+        return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), correction=1 if count > 1 else 0)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:

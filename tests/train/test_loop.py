@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import utils.train.engine as engine
 from model import DCONet, DCONetConfig, deploy, load_checkpoint, load_model
@@ -207,6 +208,25 @@ def test_the_last_partial_batch_is_trained_and_counted(odd_root, tmp_path):
     assert main(_args(odd_root, tmp_path / "run", "--epochs", "2")) == 0
     state = load_checkpoint(tmp_path / "run" / "latest.pkl")["train_state"]
     assert state["global_step"] == 6 and state["scheduler"]["last_epoch"] == 6     # the schedule counts all 6
+
+
+@pytest.mark.slow
+def test_compile_runs_the_full_and_the_last_smaller_batch_in_one_graph(odd_root, tmp_path, monkeypatch):
+    # aot_eager: TorchDynamo and AOTAutograd as under inductor (the same graphs, guards and recompilations),
+    # without inductor's code generation, which takes minutes on two CPU cores. --kernels plain: on the CPU the
+    # speed kernels size their loops by the batch (one more graph for the last batch size, once per run); on GPUs
+    # they do not.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert main(_args(odd_root, tmp_path / "run", "--epochs", "2", "--compile", "--kernels", "plain",
+                          "--vis-images", "0")) == 0          # batches of 4, 4 and 2 in each epoch
+        graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1 and not breaks, (graphs, breaks)
 
 
 @pytest.mark.slow

@@ -104,6 +104,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.runtime.compile:
             self.net = torch.compile(self.net)
+            # the batch size a variable of the compiled graph from the start: the epoch's last, smaller batch
+            # (drop_last is off, as in the release) then runs the same graph instead of compiling another
+            self.net.register_forward_pre_hook(lambda _, inputs: torch._dynamo.maybe_mark_dynamic(inputs[0], 0))
         self.log = RunLog(self.run_dir, enabled=self.info.is_main,
                           purge_step=self.progress["global_step"] if config.resume else None)
         self.log.write_config(config)
