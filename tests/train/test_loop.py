@@ -25,7 +25,8 @@ from utils.train.losses import soft_iou_loss
 from utils.train.run_dir import NonFiniteLoss, TrainingError
 from utils.train.schedule import continue_schedule, poly_lr, poly_scheduler
 from utils.data.synthetic_sets import write_dataset
-from utils.train.loop import fit, make_loader
+import utils.train.loop as loop
+from utils.train.loop import Trainer, fit, make_loader
 
 
 def parse_config(argv):
@@ -248,6 +249,52 @@ def test_last_epoch_logs_the_learning_rate_it_used(data_root, tmp_path):
     line = next(l for l in (out / "log.txt").read_text().splitlines() if "epoch 1/1 done" in l)
     lr = float(line.split(" - lr ")[1].split()[0])
     assert lr > 0 and lr == pytest.approx(1e-3 * (1 - 1 / 2) ** 0.9, rel=1e-3)   # iteration 2 of 2 used lr(1)
+
+
+class _GPUMemory:
+    """torch.cuda's peak memory functions over allocations the test makes up (in GiB)."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def allocate(self, gib: float) -> None:
+        self.peak = max(self.peak, int(gib * 2**30))
+
+    def max_memory_allocated(self, device=None) -> int:
+        return self.peak
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.peak = 0
+
+
+def test_each_log_line_reports_the_gpu_memory_peak_of_its_own_window(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(parse_config(_args(data_root, out, "--epochs", "1", "--log-every", "1", "--vis-images", "0")))
+    memory = _GPUMemory()
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", memory.max_memory_allocated)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", memory.reset_peak_memory_stats)
+
+    def evaluate(*args, **kwargs):           # a validation whose peak is the highest of all
+        memory.allocate(5)
+        return dict.fromkeys(("mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC"), 0.5)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    trainer.device = torch.device("cuda", 0)          # the log's GPU branch; nothing here computes on it
+    on_step = trainer._on_step(1, None, {"t0": time.perf_counter(), "step0": 0})
+    parts = {"loss": 1.0, "soft_iou": 0.9, "mse": 0.1, "lr": 1e-3}
+    try:
+        memory.allocate(3)
+        on_step(1, parts)
+        memory.allocate(1)
+        on_step(2, parts)
+        trainer.validate(1)
+        memory.allocate(2)
+        on_step(3, parts)
+    finally:
+        trainer.log.close()
+        trainer.close()
+    peaks = re.findall(r"iter \d/2 .* - GPU memory peak ([\d.]+) GiB$", (out / "log.txt").read_text(), re.MULTILINE)
+    assert peaks == ["3.00", "1.00", "2.00"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ class Trainer:
                  + (" *" if improved else ""))
         if self.info.is_main:
             refresh_run_curves(self.run_dir, note=self.log)     # curves.png; a failure is only noted in the log
+        self._new_memory_window()                               # the next log line's peak is training's
         return scores
 
     def _pictures(self, net) -> None:
@@ -244,9 +245,18 @@ class Trainer:
         return lambda: self.ema.update(self.model)
 
     def _gpu_memory(self) -> str:
+        """For a log line: the GPU memory peak of the window it ends (since the previous line, validation or the
+        start of training); the next window starts."""
         if self.device.type != "cuda":
             return ""
-        return f" - GPU memory peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self._new_memory_window()
+        return f" - GPU memory peak {peak / 2**30:.2f} GiB"
+
+    def _new_memory_window(self) -> None:
+        """Start the window whose GPU memory peak the next log line reports."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def fit(self) -> dict:
         config, p = self.config, self.progress
@@ -266,6 +276,7 @@ class Trainer:
         bar = tqdm(total=self.total_iterations, initial=p["global_step"], unit="it", dynamic_ncols=True,
                    disable=None if self.info.is_main else True)     # None: a bar on terminals only
         clock = {"t0": time.perf_counter(), "step0": p["global_step"]}
+        self._new_memory_window()
         try:
             while p["epoch"] < config.epochs:
                 epoch = p["epoch"] + 1
