@@ -1,5 +1,6 @@
 """torchrun and the devices: LOCAL_RANK against the GPUs, validation of one model over ranks, the logged loss as
-the mean over ranks, and resuming a run saved with any number of GPUs or processes (the schedule continuous)."""
+the mean over ranks, resuming a run saved with any number of GPUs or processes (the schedule continuous),
+--sync-bn, and several nodes that share no folder."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import torch
 from model import DCONet, DCONetConfig, deploy, load_checkpoint
 from run_0 import main
 from utils.data.datasets import build_datasets
-from utils.data.synthetic_sets import write_dataset
+from utils.data.synthetic_sets import read_marker, write_dataset
 from utils.train import distributed as dist_utils
 from utils.train.engine import evaluate
 from utils.train.run_dir import rng_state, set_rng_state
@@ -194,3 +195,43 @@ def test_sync_bn_under_two_ranks_takes_every_batchnorms_statistics_over_the_whol
     assert any(".mix.norm." in key for key in statistics) and len(statistics) > 20
     for key in statistics:
         torch.testing.assert_close(ranks[key], alone[key], rtol=1e-4, atol=1e-5, msg=lambda text: f"{key}: {text}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several machines: two torchrun agents ("nodes") on this one, each in its own folder, nothing shared
+# ---------------------------------------------------------------------------------------------------------
+
+def _two_nodes(tmp_path: Path, *args: str) -> None:
+    """run_0.py under two torchrun agents (--nnodes 2, one process each, rendezvous on localhost), each started in
+    its own folder with the same relative --data-root and --out: nothing on disk is shared between them."""
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    agents = []
+    for node in (0, 1):
+        folder = tmp_path / f"node{node}"
+        folder.mkdir(exist_ok=True)
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+             str(node), "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "run_0.py"), *args],
+            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode == 0, output[-3000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_folder_train_and_resume(tmp_path):
+    args = ["--dataset", "demo", "--data-root", "datasets", "--out", "run", "--base-size", "32", "--stage-num", "1",
+            "--batch-size", "32", "--lr", "1e-3", "--save-iter-step", "0", "--vis-images", "0", "--device", "cpu"]
+    _two_nodes(tmp_path, *args, "--epochs", "1")
+    for node in (0, 1):                                      # each node wrote the demo set for itself
+        assert read_marker(tmp_path / f"node{node}" / "datasets" / "demo") is not None, node
+    run = tmp_path / "node0" / "run"
+    assert load_checkpoint(run / "latest.pkl")["train_state"]["global_step"] == 4      # 256 images / (2 x 32)
+    assert not (tmp_path / "node1" / "run").exists()      # the run folder is rank 0's, on node 0
+
+    _two_nodes(tmp_path, *args, "--epochs", "2", "--resume")      # node 1 has no latest.pkl: rank 0 sends it
+    state = load_checkpoint(run / "latest.pkl")["train_state"]
+    assert (state["epoch"], state["global_step"], state["world_size"]) == (2, 8, 2)
+    assert "resumed after epoch 1 (iteration 4)" in (run / "log.txt").read_text()
+    assert not (tmp_path / "node1" / "run").exists()

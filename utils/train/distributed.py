@@ -24,6 +24,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_node_main(self) -> bool:
+        """The first process of its node (local rank 0): what each machine prepares for itself, it prepares."""
+        return self.local_rank == 0
+
 
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group that torchrun describes in the environment; a plain run stays single-process."""

@@ -58,11 +58,11 @@ class Trainer:
     def _set_up(self, config: TrainConfig, given: frozenset[str]) -> None:
         payload = None
         if config.resume:
-            payload = load_checkpoint(self.run_dir / "latest.pkl", map_location="cpu")
+            payload = self._read_latest()
             config = resumed_config(config, TrainConfig.from_dict(payload["train_state"]["config"]), given)
         self.config = config
         seed_everything(config.seed)
-        if config.dataset == "demo" and self.info.is_main:
+        if config.dataset == "demo" and self.info.is_node_main:     # every node writes its own (the same) set
             ensure_demo_dataset(config.data_root)
         dist_utils.barrier(self.info)
         with warnings.catch_warnings(record=True) as caught:     # tolerated data problems go to the log
@@ -110,6 +110,22 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=self.info.is_main,
                           purge_step=self.progress["global_step"] if config.resume else None)
         self.log.write_config(config)
+
+    def _read_latest(self) -> dict:
+        """The run's latest.pkl, read by rank 0 (whose node holds the run folder) and sent to every rank, so that
+        the other nodes need no copy of it."""
+        payload, error = None, None
+        if self.info.is_main:
+            try:
+                payload = load_checkpoint(self.run_dir / "latest.pkl", map_location="cpu")
+            except Exception as caught:
+                error = caught
+        payload, message = dist_utils.broadcast_object(self.info, (payload, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise TrainingError(f"--resume: rank 0 could not read the run's latest.pkl: {message}")
+        return payload
 
     def _restore(self, payload: dict) -> None:
         state = payload["train_state"]
