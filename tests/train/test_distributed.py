@@ -81,19 +81,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _torchrun(script: str, *args: str) -> None:
+    """``torchrun --nproc_per_node 2 tests/train/SCRIPT ARGS`` on this machine (two gloo ranks on the CPU); it must
+    end well."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO / "tests" / "train" / script),
+               *args]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _tiny_run(tmp_path: Path, n_test: int) -> tuple[Path, Path, list[str]]:
+    """A set of 8 training and ``n_test`` test images of 32x32 under tmp_path/data, and the arguments of a K = 1
+    run on it at batch 2 into tmp_path/run: (data root, run folder, arguments)."""
+    root, out = tmp_path / "data", tmp_path / "run"
+    write_dataset(root, "tiny", n_trainval=8, n_test=n_test, size=32, seed=3)
+    return root, out, ["--dataset", "tiny", "--data-root", str(root), "--out", str(out), "--batch-size", "2",
+                       "--base-size", "32", "--stage-num", "1", "--vis-images", "0", "--device", "cpu"]
+
+
 @pytest.mark.slow
 def test_validation_under_two_ranks_scores_rank_0s_model_and_logs_the_mean_loss(tmp_path):
-    root = tmp_path / "data"
-    write_dataset(root, "tiny", n_trainval=8, n_test=6, size=32, seed=3)
-    out = tmp_path / "ddp"
-    args = ["--dataset", "tiny", "--data-root", str(root), "--out", str(out), "--batch-size", "2", "--base-size",
-            "32", "--stage-num", "1", "--vis-images", "0", "--device", "cpu"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               str(REPO / "tests" / "train" / "_ddp_validation_worker.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    root, out, args = _tiny_run(tmp_path, n_test=6)
+    _torchrun("_ddp_validation_worker.py", *args)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     model = DCONet(DCONetConfig(stage_num=1))
@@ -107,33 +121,15 @@ def test_validation_under_two_ranks_scores_rank_0s_model_and_logs_the_mean_loss(
         assert step == 7 and parts == {"loss": 1.5, "soft_iou": 3.0, "mse": 6.0, "lr": 0.5}
 
 
-def _torchrun(*args: str, nproc: int = 2, cwd: Path = REPO, nodes: str = "1") -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node nproc ARGS`` on this machine (gloo on the CPU), its output kept."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nodes, "--nproc_per_node", str(nproc),
-               *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _passed(result: subprocess.CompletedProcess) -> bool:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return True
-
-
 _TRAIN_LINE = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+) \(total \d+/\d+\) - .* - lr (\S+) - ")
 
 
 @pytest.mark.slow
 def test_a_run_resumed_with_another_number_of_ranks_continues_its_schedule(tmp_path):
-    root = tmp_path / "data"
-    write_dataset(root, "tiny", n_trainval=8, n_test=2, size=32, seed=3)
-    out = tmp_path / "run"
-    args = ["--dataset", "tiny", "--data-root", str(root), "--out", str(out), "--batch-size", "2", "--base-size",
-            "32", "--stage-num", "1", "--lr", "1e-3", "--epochs", "4", "--log-every", "1", "--save-iter-step", "0",
-            "--vis-images", "0", "--device", "cpu"]
+    _, out, args = _tiny_run(tmp_path, n_test=2)
+    args += ["--lr", "1e-3", "--epochs", "4", "--log-every", "1", "--save-iter-step", "0"]
     # two ranks train 2 of the 4 epochs at 2 iterations each, then one process the other 2 at 4 iterations each
-    assert _passed(_torchrun("--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                             str(REPO / "tests" / "train" / "_ddp_worker.py"), "--stop-after", "2", *args))
+    _torchrun("_ddp_worker.py", "--stop-after", "2", *args)
     assert main([*args, "--resume"]) == 0
 
     log = (out / "log.txt").read_text()
@@ -156,8 +152,7 @@ def test_a_run_resumed_with_another_number_of_ranks_continues_its_schedule(tmp_p
 
 @pytest.mark.slow
 def test_synchronised_batch_norm_computes_that_of_the_whole_batch(tmp_path):
-    assert _passed(_torchrun("--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                             str(REPO / "tests" / "train" / "_sync_bn_worker.py"), str(tmp_path)))
+    _torchrun("_sync_bn_worker.py", str(tmp_path))
     sys.path.insert(0, str(REPO / "tests" / "train"))
     try:
         from _sync_bn_worker import SHARES, batch
@@ -186,9 +181,7 @@ def test_sync_bn_under_two_ranks_takes_every_batchnorms_statistics_over_the_whol
     args = ["--dataset", "tiny", "--data-root", str(data_root), "--base-size", "32", "--stage-num", "2",
             "--epochs", "1", "--save-iter-step", "0", "--vis-images", "0", "--device", "cpu"]
     # one step over the 8 images: two ranks of 4 each, and one process with all 8
-    assert _passed(_torchrun("--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                             str(REPO / "tests" / "train" / "_ddp_worker.py"), *args, "--out",
-                             str(tmp_path / "ranks"), "--batch-size", "4", "--sync-bn"))
+    _torchrun("_ddp_worker.py", *args, "--out", str(tmp_path / "ranks"), "--batch-size", "4", "--sync-bn")
     assert main([*args, "--out", str(tmp_path / "alone"), "--batch-size", "8"]) == 0
     ranks, alone = (load_checkpoint(tmp_path / name / "latest.pkl")["model"] for name in ("ranks", "alone"))
     statistics = [key for key in alone if "running_" in key]
@@ -205,7 +198,6 @@ def _two_nodes(tmp_path: Path, *args: str) -> None:
     """run_0.py under two torchrun agents (--nnodes 2, one process each, rendezvous on localhost), each started in
     its own folder with the same relative --data-root and --out: nothing on disk is shared between them."""
     port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     agents = []
     for node in (0, 1):
         folder = tmp_path / f"node{node}"
@@ -213,7 +205,7 @@ def _two_nodes(tmp_path: Path, *args: str) -> None:
         agents.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
              str(node), "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "run_0.py"), *args],
-            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            cwd=folder, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     for agent, output in zip(agents, outputs):
         assert agent.returncode == 0, output[-3000:]

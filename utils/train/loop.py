@@ -58,7 +58,8 @@ class Trainer:
     def _set_up(self, config: TrainConfig, given: frozenset[str]) -> None:
         payload = None
         if config.resume:
-            payload = self._read_latest()
+            # read by rank 0, whose node holds the run folder, and sent to every rank: other nodes need no copy
+            payload = dist_utils.read_on_main(self.info, lambda: load_checkpoint(self.run_dir / "latest.pkl"))
             config = resumed_config(config, TrainConfig.from_dict(payload["train_state"]["config"]), given)
         self.config = config
         seed_everything(config.seed)
@@ -111,22 +112,6 @@ class Trainer:
                           purge_step=self.progress["global_step"] if config.resume else None)
         self.log.write_config(config)
 
-    def _read_latest(self) -> dict:
-        """The run's latest.pkl, read by rank 0 (whose node holds the run folder) and sent to every rank, so that
-        the other nodes need no copy of it."""
-        payload, error = None, None
-        if self.info.is_main:
-            try:
-                payload = load_checkpoint(self.run_dir / "latest.pkl", map_location="cpu")
-            except Exception as caught:
-                error = caught
-        payload, message = dist_utils.broadcast_object(self.info, (payload, None if error is None else str(error)))
-        if error is not None:
-            raise error
-        if message is not None:
-            raise TrainingError(f"--resume: rank 0 could not read the run's latest.pkl: {message}")
-        return payload
-
     def _restore(self, payload: dict) -> None:
         state = payload["train_state"]
         self.model.load_state_dict(payload["model"])
@@ -144,11 +129,9 @@ class Trainer:
         self._continue_schedule(state["config"]["epochs"], state.get("world_size"))
 
     def _continue_schedule(self, stored_epochs: int, stored_world_size: int | None) -> None:
-        """The schedule and the iteration counts of a run resumed after ``progress["epoch"]`` epochs.
-
-        The log's iteration count (``global_step``) goes on from the stored one. The schedule's count is the
-        fraction of the run done in this run's iterations: epochs done x iterations per epoch, which differs from
-        the stored count when the run was saved with another number of processes (a note says so)."""
+        """The schedule of a run resumed after ``progress["epoch"]`` epochs: its count is the fraction of the run
+        done in this run's iterations (epochs done x iterations per epoch; a run saved by another number of
+        processes counted others, and a note says so). The log's count (``global_step``) goes on as it was."""
         done, p = self.progress["epoch"], self.progress
         if self.config.epochs < done:
             raise TrainingError(f"--epochs {self.config.epochs}: {self.run_dir} has already trained {done} epochs; "
@@ -261,8 +244,7 @@ class Trainer:
         return lambda: self.ema.update(self.model)
 
     def _gpu_memory(self) -> str:
-        """For a log line: the GPU memory peak of the window it ends (since the previous line, validation or the
-        start of training); the next window starts."""
+        """For a log line: the GPU memory peak since the last line, validation or start; a new window starts."""
         if self.device.type != "cuda":
             return ""
         peak = torch.cuda.max_memory_allocated(self.device)
