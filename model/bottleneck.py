@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import SyncBatchNorm2d, sync_batch_norm
 from .capabilities import Reparameterizable
 from .ops import conv_with, exporting, fold_batchnorm
 
@@ -78,28 +79,39 @@ class MDCR(Reparameterizable):
             return self.mix_groups(x).relu_()
         conv, norm, g = self.mix.conv, self.mix.norm, self.groups
         x = F.conv2d(x, conv.weight.repeat(g, 1, 1, 1), conv.bias.repeat(g), groups=g)
-        if self.training or not norm.track_running_stats:
-            # One BN channel per (group, channel) pair = the batch statistics of that group's own call.
+        # In training, one BN channel per (group, channel) pair = the batch statistics of that group's own call.
+        if self.training and isinstance(norm, SyncBatchNorm2d):            # --sync-bn: every process's batch
+            y, mean, var = sync_batch_norm(x, norm.weight.repeat(g), norm.bias.repeat(g), norm.eps,
+                                           norm.process_group)
+            if norm.track_running_stats:
+                self._update_running_stats(mean, var)
+        elif self.training or not norm.track_running_stats:
             y = F.batch_norm(x, None, None, norm.weight.repeat(g), norm.bias.repeat(g), True, 0.0, norm.eps)
             if self.training and norm.track_running_stats:
-                self._update_running_stats(x.detach())
+                self._update_running_stats(*self._batch_statistics(x.detach()))
         else:
             y = F.batch_norm(x, norm.running_mean.repeat(g), norm.running_var.repeat(g),
                              norm.weight.repeat(g), norm.bias.repeat(g), False, 0.0, norm.eps)
         return F.relu(y)
 
+    @staticmethod
     @torch.no_grad()
-    def _update_running_stats(self, x: torch.Tensor) -> None:
-        """Closed form of G sequential updates r <- (1 - m) r + m s_i, i = 0 first (x: (N, 4*G, H, W))."""
-        norm, g = self.mix.norm, self.groups
+    def _batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel mean and unbiased variance (as BatchNorm's) of x (N, 4*G, H, W), in float32."""
         count = x.numel() // x.shape[1]
         x = x.float()                     # under autocast x is bf16 or fp16: the statistics are taken in float32
-        mean = x.mean(dim=(0, 2, 3)).view(g, -1)                              # (G, 4)
-        var = x.var(dim=(0, 2, 3), unbiased=count > 1).view(g, -1)            # (G, 4), unbiased as BatchNorm
+        return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), correction=1 if count > 1 else 0)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Closed form of G sequential updates r <- (1 - m) r + m s_i, i = 0 first, from the batch statistics of
+        the 4*G channels (mean, unbiased variance: (4*G,))."""
+        norm, g = self.mix.norm, self.groups
+        mean, var = mean.view(g, -1), var.view(g, -1)                         # (G, 4)
         m = norm.momentum
         if m is None:
             raise ValueError("MDCR's shared BatchNorm needs a momentum (cumulative averaging is not supported)")
-        decay = (1.0 - m) ** torch.arange(g - 1, -1, -1, dtype=torch.float64, device=x.device)  # (G,), i=0 oldest
+        decay = (1.0 - m) ** torch.arange(g - 1, -1, -1, dtype=torch.float64, device=mean.device)  # (G,), i=0 oldest
         weights = (m * decay).to(mean.dtype).unsqueeze(1)                                       # (G, 1)
         keep = (1.0 - m) ** g
         norm.running_mean.copy_(keep * norm.running_mean + (weights * mean).sum(0))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import utils.train.engine as engine
 from model import DCONet, DCONetConfig, deploy, load_checkpoint, load_model
@@ -24,7 +25,8 @@ from utils.train.losses import soft_iou_loss
 from utils.train.run_dir import NonFiniteLoss, TrainingError
 from utils.train.schedule import continue_schedule, poly_lr, poly_scheduler
 from utils.data.synthetic_sets import write_dataset
-from utils.train.loop import fit, make_loader
+import utils.train.loop as loop
+from utils.train.loop import Trainer, fit, make_loader
 
 
 def parse_config(argv):
@@ -210,6 +212,25 @@ def test_the_last_partial_batch_is_trained_and_counted(odd_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_runs_the_full_and_the_last_smaller_batch_in_one_graph(odd_root, tmp_path, monkeypatch):
+    # aot_eager: TorchDynamo and AOTAutograd as under inductor (the same graphs, guards and recompilations),
+    # without inductor's code generation, which takes minutes on two CPU cores. --kernels plain: on the CPU the
+    # speed kernels size their loops by the batch (one more graph for the last batch size, once per run); on GPUs
+    # they do not.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert main(_args(odd_root, tmp_path / "run", "--epochs", "2", "--compile", "--kernels", "plain",
+                          "--vis-images", "0")) == 0          # batches of 4, 4 and 2 in each epoch
+        graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1 and not breaks, (graphs, breaks)
+
+
+@pytest.mark.slow
 def test_validation_every_save_iter_step_and_best_over_all(odd_root, tmp_path):
     out = tmp_path / "run"
     assert main(_args(odd_root, out, "--epochs", "2", "--save-iter-step", "2")) == 0
@@ -228,6 +249,52 @@ def test_last_epoch_logs_the_learning_rate_it_used(data_root, tmp_path):
     line = next(l for l in (out / "log.txt").read_text().splitlines() if "epoch 1/1 done" in l)
     lr = float(line.split(" - lr ")[1].split()[0])
     assert lr > 0 and lr == pytest.approx(1e-3 * (1 - 1 / 2) ** 0.9, rel=1e-3)   # iteration 2 of 2 used lr(1)
+
+
+class _GPUMemory:
+    """torch.cuda's peak memory functions over allocations the test makes up (in GiB)."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def allocate(self, gib: float) -> None:
+        self.peak = max(self.peak, int(gib * 2**30))
+
+    def max_memory_allocated(self, device=None) -> int:
+        return self.peak
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.peak = 0
+
+
+def test_each_log_line_reports_the_gpu_memory_peak_of_its_own_window(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(parse_config(_args(data_root, out, "--epochs", "1", "--log-every", "1", "--vis-images", "0")))
+    memory = _GPUMemory()
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", memory.max_memory_allocated)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", memory.reset_peak_memory_stats)
+
+    def evaluate(*args, **kwargs):           # a validation whose peak is the highest of all
+        memory.allocate(5)
+        return dict.fromkeys(("mIoU", "nIoU", "Pd", "Fa", "Prec", "Recall", "F1", "AUC"), 0.5)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    trainer.device = torch.device("cuda", 0)          # the log's GPU branch; nothing here computes on it
+    on_step = trainer._on_step(1, None, {"t0": time.perf_counter(), "step0": 0})
+    parts = {"loss": 1.0, "soft_iou": 0.9, "mse": 0.1, "lr": 1e-3}
+    try:
+        memory.allocate(3)
+        on_step(1, parts)
+        memory.allocate(1)
+        on_step(2, parts)
+        trainer.validate(1)
+        memory.allocate(2)
+        on_step(3, parts)
+    finally:
+        trainer.log.close()
+        trainer.close()
+    peaks = re.findall(r"iter \d/2 .* - GPU memory peak ([\d.]+) GiB$", (out / "log.txt").read_text(), re.MULTILINE)
+    assert peaks == ["3.00", "1.00", "2.00"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ class TrainConfig:
                                "and up), else float16 with loss scaling (--amp-dtype forces either)", changeable=True)
     amp_dtype: str = setting("auto", "the dtype of --amp: auto, bf16 or fp16 (fp16 trains with loss scaling)",
                              AMP_DTYPES, changeable=True)
-    sync_bn: bool = setting(False, "under torchrun on GPUs, BatchNorm statistics over the whole batch of all ranks "
-                                   "(SyncBatchNorm) instead of each rank's share", changeable=True)
+    sync_bn: bool = setting(False, "under torchrun, every BatchNorm (MDCR's shared one included) normalises with the "
+                                   "statistics of all ranks' batches instead of its rank's share (GPUs or CPUs)",
+                            changeable=True)
     memory_format: str = setting("contiguous", "activation layout in training: contiguous (NCHW) or channels_last "
                                                 "(NHWC: faster steps on the CPU, but PyTorch's channels_last "
                                                 "BatchNorm sums batch statistics less exactly; which is faster "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,11 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        """The first process of its node (local rank 0): what each machine prepares for itself, it prepares."""
+        return self.local_rank == 0
 
 
 def init_distributed(device_kind: str) -> DistInfo:
@@ -55,6 +61,26 @@ def broadcast_object(info: DistInfo, value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+def read_on_main(info: DistInfo, read: Callable[[], T]) -> T:
+    """``read()`` on rank 0 only (a file that only its node holds), its result sent to every rank. An error there
+    is raised on rank 0, and on the other ranks as a RuntimeError that quotes it."""
+    value, error = None, None
+    if info.is_main:
+        try:
+            value = read()
+        except Exception as caught:
+            error = caught
+    value, message = broadcast_object(info, (value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed to read what every rank needs: {message}")
+    return value
 
 
 def gather_objects(info: DistInfo, value) -> list:

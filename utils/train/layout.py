@@ -57,3 +57,13 @@ def choose_memory_format(setting: str, model: torch.nn.Module, shape: tuple[int,
     choice, best = dist_utils.broadcast_object(info, (choice, best))
     timings = ", ".join(f"{layout} {seconds:.3f} s" for layout, seconds in best.items())
     return choice, f"memory format auto: {choice} (a training pass at batch shape {tuple(shape)}: {timings})"
+
+
+def set_memory_format(model, setting: str, shape: tuple[int, int, int, int],
+                      info: dist_utils.DistInfo = dist_utils.DistInfo()) -> list[str]:
+    """Put ``model`` (a DCONet, on its device) in the layout ``setting`` names or ``auto`` chooses; returns the log's
+    notes (none for an explicit setting)."""
+    device = next(model.parameters()).device
+    layout, note = choose_memory_format(setting, model, shape, device, info)
+    model.set_channels_last(layout == "channels_last")
+    return [note] if note else []

@@ -7,7 +7,7 @@ One epoch and validation are ``utils.train.engine``'s free functions; the run fo
 ``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the release's
 run does, and best.pkl keeps the best of all of them; each validation redraws the run's curves.png from its
 log.txt (``utils.train.curves``). With ``--ema`` the validations, best.pkl and the export use a moving average of the
-weights (``AveragedModel``; BatchNorm statistics the trained module's), which latest.pkl keeps for resuming.
+weights (``utils.train.ema``; BatchNorm statistics the trained module's), which latest.pkl keeps for resuming.
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import json
 import time
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model import DCONet, deploy, load_checkpoint
+from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
+from utils.train.ema import WeightAverage
 from utils.train.engine import autocast_context, evaluate, false_targets, predict_logits, train_one_epoch
-from utils.train.layout import choose_memory_format
+from utils.train.layout import set_memory_format
 from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
@@ -56,45 +57,38 @@ class Trainer:
     def _set_up(self, config: TrainConfig, given: frozenset[str]) -> None:
         payload = None
         if config.resume:
-            payload = load_checkpoint(self.run_dir / "latest.pkl", map_location="cpu")
+            # read by rank 0, whose node holds the run folder, and sent to every rank: other nodes need no copy
+            payload = dist_utils.read_on_main(self.info, lambda: load_checkpoint(self.run_dir / "latest.pkl"))
             config = resumed_config(config, TrainConfig.from_dict(payload["train_state"]["config"]), given)
         self.config = config
         seed_everything(config.seed)
-        if config.dataset == "demo" and self.info.is_main:
+        if config.dataset == "demo" and self.info.is_node_main:     # every node writes its own (the same) set
             ensure_demo_dataset(config.data_root)
         dist_utils.barrier(self.info)
         self.data, self.negatives, self.notes = run_data(config)    # negatives: held out, or None
         self.loader = make_loader(self.data.train, config, train=True, epoch=0, info=self.info, device=self.device)
         self.iters_per_epoch = len(self.loader)
-        self.total_iterations = config.epochs * self.iters_per_epoch
+        self.total_iterations = config.epochs * self.iters_per_epoch     # of the run; a resumed one may differ
 
         self.model = DCONet(config.model).to(self.device)
         self.model.set_checkpointing(config.checkpointing).use_kernels(config.kernels == "fast")
-        side = config.crop_size or config.base_size
-        layout, note = choose_memory_format(config.memory_format, self.model, (config.batch_size, 1, side, side),
-                                            self.device, self.info)
-        self.notes += [note] if note else []
-        self.model.set_channels_last(layout == "channels_last")
+        side = config.crop_size or config.base_size       # the training batch's shape, for --memory-format auto
+        self.notes += set_memory_format(self.model, config.memory_format, (config.batch_size, 1, side, side), self.info)
         # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True if self.device.type == "cuda" else None)
-        self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
+        self.scheduler = poly_scheduler(self.optimizer, config.epochs * self.iters_per_epoch, config.poly_power)
         fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
                 and amp_dtype(self.device, config.amp_dtype) == torch.float16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
-        # the moving average of the weights, of the plain module (before SyncBN or DDP). Its BatchNorm statistics
-        # are the trained module's, copied at each update: averaged statistics lag behind activations whose scale
-        # grows fast early on, and a model with them marked nothing on NUAA-SIRST for 350 iterations (mIoU 0
-        # where the averaged weights with the current statistics scored 0.57).
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=False)
-                    if config.ema else None)
+        # the moving average of the weights, of the plain module (before SyncBN or DDP); its BatchNorm statistics
+        # are the trained module's (``WeightAverage`` says why)
+        self.ema = WeightAverage(self.model, config.ema) if config.ema else None
         if payload is not None:
             self._restore(payload)
         if config.sync_bn and self.info.enabled:
-            if self.device.type != "cuda":
-                raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only); leave it out on the CPU")
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            synchronise_batchnorm(self.model)       # every BatchNorm, MDCR's shared one included; the same tensors
         elif config.sync_bn:
             self.notes.append("--sync-bn changes nothing in a single process (it acts under torchrun)")
         self.net = self.model
@@ -103,6 +97,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.runtime.compile:
             self.net = torch.compile(self.net)
+            # the batch size a variable of the compiled graph from the start: the epoch's last, smaller batch
+            # (drop_last is off, as in the release) then runs the same graph instead of compiling another
+            self.net.register_forward_pre_hook(lambda _, inputs: torch._dynamo.maybe_mark_dynamic(inputs[0], 0))
         self.log = RunLog(self.run_dir, enabled=self.info.is_main,
                           purge_step=self.progress["global_step"] if config.resume else None)
         self.log.write_config(config)
@@ -121,14 +118,27 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.progress.update({key: state.get(key, self.progress[key]) for key in self.progress})
         set_rng_state(state["rng"])
-        self._continue_schedule(state["config"]["epochs"])
+        self._continue_schedule(state["config"]["epochs"], state.get("world_size"))
 
-    def _continue_schedule(self, stored_epochs: int) -> None:
-        done = self.progress["epoch"]
+    def _continue_schedule(self, stored_epochs: int, stored_world_size: int | None) -> None:
+        """The schedule of a run resumed after ``progress["epoch"]`` epochs: its count is the fraction of the run
+        done in this run's iterations (epochs done x iterations per epoch; a run saved by another number of
+        processes counted others, and a note says so). The log's count (``global_step``) goes on as it was."""
+        done, p = self.progress["epoch"], self.progress
         if self.config.epochs < done:
             raise TrainingError(f"--epochs {self.config.epochs}: {self.run_dir} has already trained {done} epochs; "
                                 f"give a total of {done} or more (the run's own is {stored_epochs})")
-        lr = continue_schedule(self.scheduler)
+        stored_count, count = self.scheduler.last_epoch, done * self.iters_per_epoch
+        lr = continue_schedule(self.scheduler, count)
+        self.total_iterations = p["global_step"] + (self.config.epochs - done) * self.iters_per_epoch
+        if count != stored_count:
+            saved_by = f"{stored_world_size} process(es)" if stored_world_size else "an earlier version"
+            self.notes.append(f"{stored_count // done} -> {self.iters_per_epoch} iterations per epoch (saved by "
+                              f"{saved_by}, resumed by {self.info.world_size}): the poly schedule continues from the "
+                              f"same point of the run, epoch {done} of {self.config.epochs}, its count rescaled "
+                              f"{stored_count} -> {count} of {self.config.epochs * self.iters_per_epoch} (lr {lr:.3e} "
+                              f"now); the log counts on from iteration {p['global_step']}, {self.total_iterations} in "
+                              f"all")
         if self.config.epochs != stored_epochs:
             self.notes.append(f"epochs {stored_epochs} -> {self.config.epochs}: the poly schedule continues over "
                               f"{self.total_iterations} iterations from iteration {self.progress['global_step']} "
@@ -145,7 +155,7 @@ class Trainer:
         state, model = None, self.validated()
         if name == "latest.pkl":
             state, model = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "scaler": self.scaler.state_dict()}, self.model
+                            "scaler": self.scaler.state_dict(), "world_size": self.info.world_size}, self.model
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
         save_run_checkpoint(self.run_dir / name, model, self.config, dict(self.progress), scores, state)
@@ -179,6 +189,7 @@ class Trainer:
                  + (" *" if improved else ""))
         if self.info.is_main:
             refresh_run_curves(self.run_dir, note=self.log)     # curves.png; a failure is only noted in the log
+        self._new_memory_window()                               # the next log line's peak is training's
         return scores
 
     def _pictures(self, net) -> None:
@@ -230,12 +241,20 @@ class Trainer:
     def _after_update(self):
         if self.ema is None:
             return None
-        return lambda: self.ema.update_parameters(self.model)
+        return lambda: self.ema.update(self.model)
 
     def _gpu_memory(self) -> str:
+        """For a log line: the GPU memory peak since the last line, validation or start; a new window starts."""
         if self.device.type != "cuda":
             return ""
-        return f" - GPU memory peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self._new_memory_window()
+        return f" - GPU memory peak {peak / 2**30:.2f} GiB"
+
+    def _new_memory_window(self) -> None:
+        """Start the window whose GPU memory peak the next log line reports."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def fit(self) -> dict:
         config, p = self.config, self.progress
@@ -257,6 +276,7 @@ class Trainer:
         bar = tqdm(total=self.total_iterations, initial=p["global_step"], unit="it", dynamic_ncols=True,
                    disable=None if self.info.is_main else True)     # None: a bar on terminals only
         clock = {"t0": time.perf_counter(), "step0": p["global_step"]}
+        self._new_memory_window()
         try:
             while p["epoch"] < config.epochs:
                 epoch = p["epoch"] + 1

@@ -1,4 +1,10 @@
-"""The release's "poly" learning-rate schedule, stepped every iteration."""
+"""The release's "poly" learning-rate schedule, stepped every iteration: a function of how much of the run is done.
+
+The scheduler counts iterations of the current run's size (epochs x iterations per epoch), so that its count over
+that total is the fraction of the run done, epochs done plus the step within the epoch over the iterations per
+epoch. A run resumed with another number of processes has another number of iterations per epoch; it continues
+at the same fraction (``continue_schedule`` with the count rescaled to the new size, always at an epoch's end).
+"""
 from __future__ import annotations
 
 import torch
@@ -18,10 +24,13 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_iterations: int,
         optimizer, lambda it: max(0.0, 1.0 - it / total_iterations) ** power)
 
 
-def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
-    """After ``scheduler.load_state_dict``: every group's lr set to the schedule's value at the current iteration,
-    under this scheduler's total (which a resumed run with more epochs has recomputed; the optimizer's stored lr
-    was the old total's). Returns the first group's lr."""
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int | None = None) -> float:
+    """After ``scheduler.load_state_dict``: every group's lr set to the schedule's value at ``iteration`` (None:
+    the stored count; another one rescales the count to this run's iterations per epoch), under this scheduler's
+    total (which a resumed run with more epochs has recomputed; the optimizer's stored lr was the old total's).
+    Returns the first group's lr."""
+    if iteration is not None:
+        scheduler.last_epoch = iteration
     for group, base, rule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * rule(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
