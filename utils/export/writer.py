@@ -33,6 +33,7 @@ import scipy.io
 from torch import nn
 from tqdm import tqdm
 
+from model.config import SHIPPED_MODEL
 from utils.export.detection_table import DetectionTable
 from utils.export.outputs import (MAP_FOLDERS, TABLE_NAME, ExportError, ExportInterrupted, ExportOptions,  # noqa: F401
                                   check_output, finished_frames, keep_rows_of, output_paths)
@@ -235,14 +236,13 @@ def dataset_images(data_root: str | Path, name: str) -> tuple[Path, Path]:
     return folder, root / name / "test" / "masks"
 
 
-# The model this project ships: NUAA-SIRST, trained on two CPU cores (Weight/NUAA-SIRST/README.md). Found beside
-# the code, whatever the working folder.
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "Weight" / "NUAA-SIRST" / "best.pkl"
+# The model this project ships: NUAA-SIRST, trained on two CPU cores (Weight/NUAA-SIRST/README.md).
+SHIPPED_WEIGHTS = SHIPPED_MODEL / "best.pkl"
 
 
 def default_weights(dataset: str | None, weight_root: str | Path = "Weight") -> Path:
-    """Weight/<dataset>/best.pkl, which training writes (for NUAA-SIRST: the shipped model unless a run of one's
-    own is there); without a data set, the shipped model. An error that says what to do when it is absent."""
+    """Weight/<dataset>/best.pkl, which training writes (for NUAA-SIRST: the shipped model, unless the working
+    folder is not the repository's and has a run of its own there); without a data set, the shipped model. An error that says what to do when it is absent."""
     if dataset is None or (dataset == "NUAA-SIRST" and not (Path(weight_root) / dataset / "best.pkl").is_file()):
         if not SHIPPED_WEIGHTS.is_file():
             raise ExportError(f"no weights given and the shipped model {SHIPPED_WEIGHTS} is missing: pass --weights "

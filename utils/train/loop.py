@@ -108,8 +108,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.runtime.compile:
             self.net = torch.compile(self.net)
-        self.log = RunLog(self.run_dir, enabled=self.info.is_main,
-                          purge_step=self.progress["global_step"] if config.resume else None)
+        # TensorBoard drops what earlier attempts logged from this iteration on (their files are kept)
+        self.log = RunLog(self.run_dir, enabled=self.info.is_main, purge_step=self.progress["global_step"])
         self.log.write_config(config)
 
     def _restore(self, payload: dict) -> None:
@@ -252,6 +252,7 @@ class Trainer:
         bar = tqdm(total=self.total_iterations, initial=p["global_step"], unit="it", dynamic_ncols=True,
                    disable=None if self.info.is_main else True)     # None: a bar on terminals only
         clock = {"t0": time.perf_counter(), "step0": p["global_step"]}
+        epoch, saved = p["epoch"] + 1, p["epoch"]            # saved: the epoch latest.pkl holds
         try:
             while p["epoch"] < config.epochs:
                 epoch = p["epoch"] + 1
@@ -272,7 +273,12 @@ class Trainer:
                 self.log(f"epoch {epoch}/{config.epochs} done - {losses} - lr {stats['lr']:.3e} (last used)")
                 self.validate(epoch)
                 self._save("latest.pkl")
+                saved = epoch
                 dist_utils.barrier(self.info)
+        except KeyboardInterrupt:
+            self.log(f"interrupted in epoch {epoch}/{config.epochs} (iteration {p['global_step']} read last); "
+                     + (f"latest.pkl holds epoch {saved}" if saved else "no epoch had finished"))
+            raise
         finally:
             bar.close()
             self.log.close()
