@@ -9,8 +9,8 @@ from torch import nn
 
 from model import DCONet, DCONetConfig, DeployedDCONet, StageOutput
 from utils.io.images import release_image
-from utils.export.predict import (Geometry, iter_predictions, pad_to_multiple, predict, prepare_model,
-                             run_tiled, tile_cuts, tile_starts, to_png)
+from utils.export.maps import pad_to_multiple, tile_cuts, tile_starts, to_png
+from utils.export.predict import Geometry, iter_predictions, predict, prepare_model, run_tiled
 from utils.io.runtime import resolve_device
 
 # Tiled against untiled, max |T difference| (logits) for the one-stage test model on a 160x224 scene with 128 px
