@@ -13,7 +13,7 @@ import scipy.io
 from scipy import special
 
 from cal_from_mask import main
-from conftest import release_printed
+from conftest import PORTABLE, release_printed, shared_path
 from utils.score.folders import CSV_COLUMNS, probability_to_logits, score_folders
 from utils.score.protocols import METRIC_KEYS
 
@@ -287,7 +287,6 @@ def test_masks_with_anti_aliased_edges_are_scored_as_before_and_images_are_not(t
 
 
 def test_every_real_mask_passes_and_every_real_frame_is_refused():
-    from conftest import PORTABLE, shared_path
     from utils.io.images import list_images, read_image
     from utils.score.folders import UserError, checked_mask
     for path in list_images(PORTABLE / "metric_case" / "masks"):
