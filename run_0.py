@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_script("run_0.py", train,
-                      interrupted=lambda: continue_hint(config.run_dir()) if config else "")
+                      interrupted=lambda: continue_hint(config) if config else "")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     python t_models.py --input flight.mp4 --weights best.pkl --annotate   # a video: table + annotated video
     python t_models.py --input frames/ --weights best.pkl --visualize     # a folder of images or frames
     python t_models.py --weights best.pkl --onnx dconet.onnx              # an ONNX model, checked (docs/export.md)
-    python t_models.py --dataset IRSTD-1k --backend onnxruntime           # run through ONNX Runtime
+    python t_models.py --dataset IRSTD-1k --backend onnxruntime           # exported and checked, run in ONNX Runtime
+    python t_models.py --input frames/ --onnx-model dconet.onnx           # a saved ONNX model, as it is
 
 By default every image is resized as the release does (8-bit INTER_LINEAR, then / 255) to the size the weights
 were trained at: a checkpoint of this project says its size, a release best.pkl means 256x256. --resize S
@@ -32,11 +33,13 @@ from utils.io.cpu_memory import limit_openmp_spinning
 limit_openmp_spinning()   # before torch loads: spinning idle threads slow exports on a busy CPU several times
 
 with starting("t_models.py", active=__name__ == "__main__"):     # a Ctrl-C while torch loads: one line
+    import torch
     from model import load_model
-    from utils.export.onnx_runtime import BACKENDS, prepare_backend
-    from utils.export.outputs import check_not_inputs
-    from utils.export.predict import Geometry, trained_geometry
-    from utils.export.writer import SHIPPED_WEIGHTS, ExportOptions, dataset_images, default_weights, export
+    from utils.export.maps import Geometry, chosen_geometry, trained_geometry, trained_native, training_size
+    from utils.export.onnx_runtime import (BACKENDS, DEFAULT_THRESHOLD, OnnxRuntimeNet, onnxruntime_device,
+                                           prepare_backend)
+    from utils.export.outputs import add_output_arguments, check_not_inputs, export_options, input_name
+    from utils.export.writer import SHIPPED_WEIGHTS, dataset_images, default_weights, export
     from utils.io.images import quiet_opencv
     from utils.io.runtime import add_runtime_arguments, runtime_from_args
     from utils.io.video import FrameSource
@@ -56,36 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and two other sizes; refused (no file) when T is off by more than 1e-4 x max(1, max |T|)")
     parser.add_argument("--onnx-outputs", choices=("T", "BTD"), default="T",
                         help="with --onnx: the graph's outputs, T alone or B, T, D of the last stage (default: T)")
-    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
-                        help="run the network in PyTorch or, exported to ONNX and checked, in ONNX Runtime on the "
-                             "CPU (needs onnx, onnxscript and onnxruntime; default: pytorch)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="run the network in PyTorch or in ONNX Runtime on the CPU: exported to ONNX and checked "
+                             "at start, or the --onnx-model file (needs onnx, onnxscript and onnxruntime; default: "
+                             "onnxruntime with --onnx-model, else pytorch)")
+    parser.add_argument("--onnx-model", type=Path, metavar="FILE",
+                        help="run this ONNX model (written by --onnx, checked then) in ONNX Runtime as it is, "
+                             "without exporting again; its metadata gives the training size and the threshold")
     parser.add_argument("--data-root", type=Path, default=Path("datasets"),
                         help="folder holding the data sets (default: datasets)")
     parser.add_argument("--weights", type=Path,
                         help="a checkpoint of this project or a release best.pkl (default: Weight/<dataset>/best.pkl)")
-    parser.add_argument("--out", type=Path, help="output folder (default: results/<data set, or input name>)")
-    geometry = parser.add_mutually_exclusive_group()
-    geometry.add_argument("--resize", type=int, metavar="SIZE",
-                          help="resize every image to SIZE x SIZE as the release does (default: the size the weights "
-                               "were trained at; 256 for a release best.pkl)")
-    geometry.add_argument("--native", action="store_true",
-                          help="keep each image's own size: pad to a multiple of 32, tile large frames (this "
-                               "project's geometry, not the release's)")
-    parser.add_argument("--tile", type=int, default=Geometry.tile,
-                        help="with --native: run inputs larger than this (px) tile by tile; 0: never (default: 512)")
-    parser.add_argument("--overlap", type=int, default=Geometry.overlap,
-                        help="with --native: overlap of neighbouring tiles in px (default: 128)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="a pixel is target when sigmoid(T) > THRESHOLD (default: 0.5, i.e. T > 0)")
-    parser.add_argument("--json", action="store_true", help="also write the targets as JSON Lines (detections.jsonl)")
-    parser.add_argument("--save-masks", action="store_true", help="also write masks/<name>.png, the thresholded map")
-    parser.add_argument("--annotate", nargs="?", type=Path, const=True, default=None, metavar="PATH",
-                        help="write the input with the targets drawn: a video (.avi, .mp4, .mkv) or a folder of "
-                             "PNG frames (default path: <out>/annotated.avi for a video, <out>/annotated/ else)")
-    parser.add_argument("--maps", choices=("auto", "on", "off"), default="auto",
-                        help="write img/ and mat/ per image or frame; auto: for images, not for a video "
-                             "(default: auto)")
-    parser.add_argument("--fps", type=float, help="frame rate of a folder of frames: gives rows a frame index and time")
+    add_output_arguments(parser)
     parser.add_argument("--masks", type=Path,
                         help="ground truth for --visualize (default with --dataset: <data-root>/NAME/test/masks)")
     parser.add_argument("--visualize", action="store_true", help="also write a decomposition panel per image to vis/")
@@ -96,19 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain", action="store_true",
                         help="run the model's own forward instead of its deploy form (the same outputs to about "
                              "1e-6, slower; for comparison)")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop at the first unreadable image instead of skipping it")
-    parser.add_argument("--overwrite", action="store_true", help="write over results already in the output folder")
-    parser.add_argument("--resume", action="store_true",
-                        help="finish an interrupted export in the same output folder: images whose results are "
-                             "complete are kept and skipped, the rest are done (needs the maps: img/ and mat/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_arguments(parser)
     return parser.parse_args(argv)
-
-
-def _name(path: Path) -> str:
-    return path.stem if path.is_file() else path.resolve().name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,70 +101,91 @@ def onnx_command(args: argparse.Namespace) -> int:
     if args.native:
         raise ValueError("--onnx takes --resize SIZE (the size it is checked at first), not --native")
     model, info = load_model(args.weights)
-    size = trained_geometry(info, args.resize)[0].resize
+    size, native = args.resize or training_size(info)[0], args.resize is None and trained_native(info)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"--threshold is a probability in [0, 1), got {threshold}")
     shapes = ", ".join(f"{n}x{h}x{w}" for n, h, w in check_shapes(size))
     print(f"exporting {args.weights} (K = {info['config']['stage_num']}, size {size}) to {args.onnx}, outputs "
           f"{args.onnx_outputs}; checking against PyTorch at N x H x W = {shapes}", flush=True)
-    report = export_onnx(model, args.onnx, size, outputs=args.onnx_outputs, overwrite=args.overwrite)
+    report = export_onnx(model, args.onnx, size, outputs=args.onnx_outputs, overwrite=args.overwrite,
+                         threshold=threshold, native=native)
     for check in report.checks:
         print(f"  {check.describe()}")
-    print(f"wrote {args.onnx}: input image (N, 1, H, W) float32 in [0, 1], H and W multiples of 32")
+    print(f"wrote {args.onnx}: input image (N, 1, H, W) float32 in [0, 1], H and W multiples of 32; its metadata "
+          f"holds the geometry to run at ({'native size' if native else size}) and the threshold ({threshold:g}): "
+          f"run it with --onnx-model "
+          f"{args.onnx} here, or with onnx_detect.py where PyTorch is not installed")
     return 0
+
+
+def saved_onnx_model(args: argparse.Namespace) -> tuple[OnnxRuntimeNet, Geometry, str]:
+    """--onnx-model FILE: the saved graph in an ONNX Runtime session, the geometry to run it at and why."""
+    if args.weights is not None:
+        raise ValueError(f"--onnx-model runs {args.onnx_model} as it is (made from its weights when it was "
+                         f"written); drop --weights, or drop --onnx-model to run the weights")
+    if args.plain or args.bf16 or args.compile:
+        raise ValueError("--onnx-model runs the float32 deploy form as ONNX Runtime does: drop --plain, --bf16 and "
+                         "--compile, or run the weights with the pytorch backend")
+    net = OnnxRuntimeNet.from_file(args.onnx_model, threads=torch.get_num_threads())
+    if args.visualize and net.outputs == ["T"]:
+        raise ValueError(f"{args.onnx_model} gives T alone; --visualize shows B, T and D: write the graph with "
+                         f"--onnx-outputs BTD, or leave out --visualize")
+    geometry, why = chosen_geometry(net.training_size, "the size this ONNX model's weights were trained at",
+                                    args.resize, args.native, args.tile, args.overlap,
+                                    native_default=net.native_default)
+    print(f"weights: {net.describe()}", flush=True)
+    return net, geometry, why
 
 
 def export_command(args: argparse.Namespace) -> int:
     if args.onnx:
         return onnx_command(args)
     Geometry(args.resize, args.tile, args.overlap)        # flag values first, before any file is read
+    backend = args.backend or ("onnxruntime" if args.onnx_model else "pytorch")
+    if args.onnx_model and backend != "onnxruntime":
+        raise ValueError("--onnx-model runs in ONNX Runtime: drop --backend pytorch, or drop --onnx-model")
     runtime = runtime_from_args(args)
+    if backend == "onnxruntime":
+        runtime = replace(runtime, device=onnxruntime_device(runtime.device))     # auto means the CPU there
     if args.dataset:
         folder, mask_dir = dataset_images(args.data_root, args.dataset)
     else:
         folder, mask_dir = args.input, None
     source = FrameSource(folder, fps=args.fps)
-    out = args.out or Path("results") / (args.dataset or _name(args.input))
-    annotate = args.annotate
-    if annotate is True:
-        annotate = out / ("annotated.avi" if source.kind == "video" else "annotated")
-    options = ExportOptions(batch_size=args.batch_size or 1, maps={"auto": None, "on": True, "off": False}[args.maps],
-                            threshold=args.threshold, json=args.json, save_masks=args.save_masks,
-                            visualize=args.visualize, mask_dir=args.masks or mask_dir, annotate=annotate,
-                            fps=args.fps, strict=args.strict, overwrite=args.overwrite, resume=args.resume,
-                            progress=not args.no_progress)
-    check_not_inputs([source.path, options.mask_dir, args.weights], out, options)
-    weights = args.weights or default_weights(args.dataset)
-    shipped = Path(weights).resolve() == SHIPPED_WEIGHTS
-    print(f"weights: {weights}" + (" (the NUAA-SIRST model shipped with this project; --weights FILE runs another)"
-                                   if shipped else ""), flush=True)
-    model, info = load_model(weights)
-    geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
+    out = args.out or Path("results") / (args.dataset or input_name(args.input))
+    check_not_inputs([source.path, args.masks or mask_dir, args.weights, args.onnx_model], out,
+                     export_options(args, source.kind == "video", out, DEFAULT_THRESHOLD))
+    if args.onnx_model:
+        net, geometry, why = saved_onnx_model(args)
+        threshold = net.threshold if args.threshold is None else args.threshold
+    else:
+        weights = args.weights or default_weights(args.dataset)
+        shipped = Path(weights).resolve() == SHIPPED_WEIGHTS
+        print(f"weights: {weights}" + (" (the NUAA-SIRST model shipped with this project; --weights FILE runs "
+                                       "another)" if shipped else ""), flush=True)
+        model, info = load_model(weights)
+        geometry, why = trained_geometry(info, args.resize, args.native, args.tile, args.overlap)
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     print(f"geometry: {why}", flush=True)
     device, memory = runtime.setup()
-    print(f"model: {info['kind']} layout, K = {info['config']['stage_num']}; backend: {args.backend}; "
-          f"device: {'cpu' if args.backend == 'onnxruntime' else device} "
-          f"({memory}); {source.kind} {source.path}, {source.frame_count or 'unknown number of'} "
-          f"{'frame' if source.kind == 'video' else 'image'}(s); "
-          f"{geometry.describe()}; writing to {out}", flush=True)
     batch = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH)     # decided here, once
-    checked_at = geometry.resize or trained_geometry(info)[0].resize     # the onnxruntime backend's first check
-    if args.backend == "onnxruntime":
-        print(f"onnxruntime: exporting the deploy form to ONNX and checking it against PyTorch at {checked_at}x"
-              f"{checked_at} and two other sizes first", flush=True)
-    net = prepare_backend(model, args.backend, device, training_size=checked_at, bf16=runtime.bf16,
-                          compile=runtime.compile, plain=args.plain, sub_batch=batch)
-    options = replace(options, batch_size=batch)
+    options = export_options(args, source.kind == "video", out, threshold, batch_size=batch,
+                             visualize=args.visualize, mask_dir=args.masks or mask_dir, progress=not args.no_progress)
+    layout = "ONNX" if args.onnx_model else f"{info['kind']} layout, K = {info['config']['stage_num']}"
+    print(f"model: {layout}; backend: {backend}; device: {device} ({memory}); {source.kind} {source.path}, "
+          f"{source.frame_count or 'unknown number of'} {'frame' if source.kind == 'video' else 'image'}(s); "
+          f"{geometry.describe()}; writing to {out}", flush=True)
+    if not args.onnx_model:
+        checked_at = geometry.resize or trained_geometry(info)[0].resize     # the onnxruntime backend's first check
+        if backend == "onnxruntime":
+            print(f"onnxruntime: exporting the deploy form to ONNX and checking it against PyTorch at {checked_at}x"
+                  f"{checked_at} and two other sizes first (--onnx FILE once, then --onnx-model FILE, skips "
+                  f"this)", flush=True)
+        net = prepare_backend(model, backend, device, training_size=checked_at, bf16=runtime.bf16,
+                              compile=runtime.compile, plain=args.plain, sub_batch=batch)
     summary = export(net, source, out, geometry, options)
-    unit = "frame(s)" if source.kind == "video" else "image(s)"
-    kept = f" (and kept the {summary.kept} an earlier export had finished)" if summary.kept else ""
-    print(f"wrote {summary.written} {unit}{kept} to {out} in {summary.seconds:.1f} s "
-          f"({summary.per_second:.2f} {unit[:-3]}/s); "
-          f"{summary.detections} target(s) in " + ", ".join(str(p) for p in summary.files)
-          + (f"; {summary.panels} panel(s) in {out / 'vis'}" if args.visualize else ""))
-    if summary.unread:
-        print(f"t_models.py: error: {summary.unread} {unit} could not be read and were skipped (the first listed above)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return summary.report("t_models.py", source.kind == "video", out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -15,20 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .bsgu import BSGU
 from .capabilities import HasKernels, HasLayout
-from .config import DCONetConfig
+from .config import SIZE_MULTIPLE, DCONetConfig, StageOutput
 from .dbem import DBEM
 from .ops import nhwc_weight
 from .reconstruction import Reconstruction
-
-SIZE_MULTIPLE = 32  # five 2x2 poolings in the DBEM
-
-
-class StageOutput(NamedTuple):
-    """What one stage produced: background B, target layer T (logits) and reconstruction D, each (N, 1, H, W)."""
-
-    B: torch.Tensor
-    T: torch.Tensor
-    D: torch.Tensor
 
 
 class DCONetStage(nn.Module):

@@ -15,7 +15,7 @@ The import rule runs one way (tests/test_layout.py holds it):
     score   may use io
     train   may use io, data, score and the model
     export  may use io, score and the model
-    nothing imports the scripts (run_0.py, t_models.py, cal_from_mask.py, plot_curves.py)
+    nothing imports the scripts (run_0.py, t_models.py, cal_from_mask.py, plot_curves.py, onnx_detect.py)
 
 Each room's __init__ re-exports its public names; they load when first used, so importing a room costs nothing
 (t_models.py, for one, must set OpenMP's environment before torch loads).

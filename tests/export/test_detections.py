@@ -10,7 +10,7 @@ import torch
 
 from model import DCONet, DCONetConfig, StageOutput, to_release_state_dict
 from utils.export.detection_table import TABLE_COLUMNS, DetectionTable, read_table, table_rows
-from utils.export.detections import (Detection, Detector, detect, detect_logits, detection_label, draw_detections, mask_image,
+from utils.export.detections import (DETECTOR_INPUT, Detection, Detector, detect, detect_logits, detection_label, draw_detections, mask_image,
                               probability_from_logits, to_image_pixels, write_mask)
 from utils.export.predict import Geometry, predict, prepare_model
 from utils.score.components import components
@@ -211,7 +211,7 @@ def test_detector_weights_in_image_in_probability_and_targets_out(tmp_path):
     (np.full((48, 80), 4000.0), ["values in [4000, 4000]", "divide by 65535, or pass them as uint16"]),
     (np.full((48, 80), -1.0, np.float32), ["values in [-1, -1]", "scale them to [0, 1]"]),
     (np.full((48, 80), np.nan, np.float32), ["NaN or infinite"]),
-    (np.zeros((48, 80, 3), np.uint8), ["got uint8 (48, 80, 3), a colour image", "cv2.COLOR_BGR2GRAY"]),
+    (np.zeros((48, 80, 3), np.float32), ["got float32 (48, 80, 3), a float colour image", "cv2.COLOR_BGR2GRAY"]),
     (np.zeros((2, 48, 80), np.uint8), ["got uint8 (2, 48, 80)", "one image at a time"]),
     (np.zeros((48, 80), np.int32), ["got int32 (48, 80)", "image.astype(np.uint8)"]),
 ])
@@ -222,7 +222,7 @@ def test_detector_refuses_input_it_would_misread(image, words):
     with pytest.raises(ValueError) as info:
         detector(image)
     message = str(info.value)
-    assert message.startswith("Detector expects a grayscale image (H, W): uint8 (0..255) or uint16")
+    assert message.startswith(f"Detector expects {DETECTOR_INPUT}; got ")
     for word in words:
         assert word in message, message
 

@@ -8,10 +8,10 @@ from scipy.special import expit
 from torch import nn
 
 from model import DCONet, DCONetConfig, DeployedDCONet, StageOutput
+from model.config import SIZE_MULTIPLE
 from utils.io.images import PAD_MULTIPLE, pad_to_multiple, release_image
-from model.dconet import SIZE_MULTIPLE
-from utils.export.predict import (Geometry, iter_predictions, predict, prepare_model,
-                             run_tiled, tile_cuts, tile_starts, to_png)
+from utils.export.maps import tile_cuts, tile_starts, to_png
+from utils.export.predict import Geometry, iter_predictions, predict, prepare_model, run_tiled
 from utils.io.runtime import resolve_device
 
 # Tiled against untiled, max |T difference| (logits) for the one-stage test model on a 160x224 scene with 128 px

@@ -13,7 +13,7 @@ import scipy.io
 from scipy import special
 
 from cal_from_mask import main
-from conftest import release_printed
+from conftest import PORTABLE, release_printed, shared_path
 from utils.score.folders import CSV_COLUMNS, probability_to_logits, score_folders
 from utils.score.protocols import METRIC_KEYS
 
@@ -240,3 +240,63 @@ def test_a_report_is_never_written_into_an_input_folder(tmp_path, capsys):
         rc, _, err = run(capsys, "--pred-dir", pred_dir, "--mask-dir", mask_dir, "--out", out, "--overwrite")
         assert rc == 2 and "would be written into an input folder" in err and str(out) in err
     assert sorted(p.name for p in pred_dir.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks that are not masks
+# ----------------------------------------------------------------------------------------------------------
+
+def test_a_folder_of_images_given_as_masks_is_refused(tmp_path, capsys):
+    from utils.data.synthetic_sets import write_dataset
+    write_dataset(tmp_path, "tiny", n_trainval=2, n_test=3, size=32, seed=1)
+    images = tmp_path / "tiny" / "test" / "images"
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    for path in sorted(images.iterdir()):
+        scipy.io.savemat(str(pred_dir / f"{path.stem}.mat"), {"T": np.full((32, 32), -6.0, np.float32)})
+    first = sorted(images.iterdir())[0]
+    levels = len(np.unique(cv2.imread(str(first), cv2.IMREAD_UNCHANGED)))
+    rc, _, err = run(capsys, "--pred-dir", pred_dir, "--mask-dir", images, "--out", tmp_path / "report")
+    assert rc == 2 and "Traceback" not in err
+    assert f"{first}: not a mask: it holds {levels} grey levels" in err and "--mask-dir" in err, err
+    assert not (tmp_path / "report").exists()
+    # the real masks of the same frames are scored
+    assert run(capsys, "--pred-dir", pred_dir, "--mask-dir", images.parent / "masks", "--out",
+               tmp_path / "report")[0] == 0
+
+
+def test_masks_with_anti_aliased_edges_are_scored_as_before_and_images_are_not(tmp_path, capsys):
+    pred_dir, mask_dir = write_case(tmp_path)
+    binary = run(capsys, "--pred-dir", pred_dir, "--mask-dir", mask_dir, "--out", tmp_path / "binary", "--json",
+                 tmp_path / "binary.json")
+    for path in mask_dir.iterdir():                        # a ring of 64 and 128 around the 255 target
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        mask[9:13, 9:13] = np.maximum(mask[9:13, 9:13], 64)
+        mask[9, 9] = 128
+        cv2.imwrite(str(path), mask)
+    soft = run(capsys, "--pred-dir", pred_dir, "--mask-dir", mask_dir, "--out", tmp_path / "soft", "--json",
+               tmp_path / "soft.json")
+    assert binary[0] == soft[0] == 0, soft[2]
+    paper = [json.loads((tmp_path / f"{name}.json").read_text())["paper"] for name in ("binary", "soft")]
+    assert paper[0] == paper[1]        # the paper protocol's targets are the pixels at the mask's maximum
+    for path in mask_dir.iterdir():                        # the same masks over a textured background: images
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(path), np.maximum(mask, np.arange(32, dtype=np.uint8)[None, :] % 7 + 1))
+    rc, _, err = run(capsys, "--pred-dir", pred_dir, "--mask-dir", mask_dir, "--out", tmp_path / "image")
+    assert rc == 2 and "grey levels" in err and "0% of its pixels are 0" in err, err
+
+
+def test_every_real_mask_passes_and_every_real_frame_is_refused():
+    from utils.io.images import list_images, read_image
+    from utils.score.folders import UserError, checked_mask
+    for path in list_images(PORTABLE / "metric_case" / "masks"):
+        checked_mask(read_image(path), path)
+    nuaa = shared_path("data", "NUAA-SIRST")
+    for split in ("trainval", "test"):
+        for path in list_images(nuaa / split / "masks"):
+            checked_mask(read_image(path), path)
+        for path in list_images(nuaa / split / "images"):
+            with pytest.raises(UserError, match="not a mask"):
+                checked_mask(read_image(path), path)
+
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from utils.train.curve_figure import curves_figure
 from utils.train.curves import LogFormatError, plot_curves, read_curves, refresh_run_curves
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +124,27 @@ def test_figure_is_written_atomically(project_run, tmp_path):
     data = out.read_bytes()
     assert len(data) > 10_000 and data.startswith(b"\x89PNG\r\n\x1a\n")
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"], "no temporary file is left behind"
+
+
+def test_after_a_single_validation_every_label_fits_and_fa_has_ticks(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    one = "".join(PROJECT_LOG.splitlines(keepends=True)[:6])              # a log with one validation, whose
+    (run / "log.txt").write_text(one.replace("mIoU 0.0006,", "mIoU 0.0001,"))  # mIoU gets wide tick labels
+    figure = curves_figure([read_curves(run)])
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    page = figure.bbox
+    for ax in figure.axes:
+        if not ax.axison:
+            continue
+        box = ax.get_tightbbox(renderer)            # the panel with its tick labels and title
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, \
+            (ax.get_title(), box, page)
+    fa = next(ax for ax in figure.axes if ax.get_title().startswith("validation Fa"))
+    low, high = fa.get_ylim()
+    ticks = [t for t in fa.get_yticks() if low <= t <= high]
+    assert len(ticks) >= 2 and low <= 12.34 <= high, (ticks, low, high)     # Fa 12.34e-6 between ticks
 
 
 def test_refreshing_a_runs_curves_notes_a_failure_instead_of_raising(project_run, tmp_path):

@@ -70,12 +70,20 @@ class SplitFiles:
 
 # ---------------------------------------------------------------- finding files
 
+def looks_like_dataset(folder: Path) -> bool:
+    """Whether ``folder`` is laid out as a data set: trainval/images or test/images in it, or images/ beside a
+    split file (trainval.txt or test.txt). A data set's own trainval/ and test/ folders are not data sets."""
+    return (any((folder / split / "images").is_dir() for split in SPLITS)
+            or ((folder / "images").is_dir() and any((folder / f"{split}.txt").is_file() for split in SPLITS)))
+
+
 def available_datasets(root: str | Path) -> list[str]:
-    """Names of the folders under ``root`` that look like data sets (hidden folders are skipped)."""
+    """Names of the folders under ``root`` that look like data sets (``looks_like_dataset``; hidden ones skipped)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
+                  and looks_like_dataset(p))
 
 
 def read_split_file(path: str | Path) -> list[str]:
@@ -135,8 +143,10 @@ def locate_split(root: str | Path, name: str, split: str, *, split_file: str | P
     problems: list[str] = []
     if not base.is_dir():
         found = ", ".join(available_datasets(root)) or "none"
-        problems.append(f"missing folder: {base} (data sets found under {root}: {found}); download the data set "
-                        f"into that layout (see datasets/README.md) or use --dataset demo")
+        inside = (f"; {root} is itself a data set: give its parent as --data-root and {root.name} as --dataset"
+                  if looks_like_dataset(root) else "")
+        problems.append(f"missing folder: {base} (data sets found under {root}: {found}){inside}; download the "
+                        f"data set into that layout (see datasets/README.md) or use --dataset demo")
         return SplitFiles(name, split, str(base), [], problems)
 
     folder_layout = base / split

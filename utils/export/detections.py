@@ -10,7 +10,8 @@ so ``detect(sigmoid(T), 0.5)`` finds exactly the predicted targets the standard 
 
 Usage::
 
-    probability, targets = Detector("best.pkl")(image)         # weights in, (H, W) gray image in
+    image = cv2.imread("frame.png", cv2.IMREAD_UNCHANGED)      # gray or colour, 8 or 16 bits, as stored
+    probability, targets = Detector("best.pkl")(image)         # weights in, image (or its path) in
     targets = detect(probability, threshold=0.5)               # [Detection(id=1, x=.., y=.., ...)]
     annotated = draw_detections(image, targets)                # BGR uint8, for utils.io.video.FrameWriter
 
@@ -33,7 +34,7 @@ from scipy import ndimage
 
 from utils.score.components import components
 from utils.score.metrics import score_map
-from utils.io.images import write_png
+from utils.io.images import gray_as_read, read_image, write_png
 from utils.io.frame_writer import to_bgr
 
 
@@ -203,17 +204,20 @@ class Detector:
         backend: "pytorch" (the deploy form) or "onnxruntime" (its ONNX graph, checked when made, run by ONNX
             Runtime on the CPU; ``utils.export.onnx_runtime``): the same detections up to float rounding.
 
-    Calling it with a grayscale image (H, W) (uint8 or uint16 as ``utils.io.images.read_image`` gives it, or
-    float32 in [0, 1]) returns (sigmoid(T) as float32 (H, W), list of ``Detection``) in the image's pixels: the
-    targets are found on the network's map, as t_models.py finds them, and when the geometry resized the image
-    the map is resized back (bilinear) and the detections scaled back (``to_image_pixels``).
+    Calling it with an image (``DETECTOR_INPUT``: a path, a frame as cv2.IMREAD_UNCHANGED reads it, gray or
+    colour, or a gray float image in [0, 1]) returns (sigmoid(T) as float32 (H, W), list of ``Detection``) in the
+    image's pixels: the targets are found on the network's map, as t_models.py finds them, and when the geometry
+    resized the image the map is resized back (bilinear) and the detections scaled back (``to_image_pixels``).
+    A file gives what t_models.py gives for it; its pixels as read by OpenCV give the same (colour converted as
+    the file's reading converts it, ``utils.io.images.gray_as_read``), but for PNGs whose colour conversion
+    depends on a gamma chunk, up to 2 grey levels apart.
     """
 
     def __init__(self, model: Any = None, device: str = "auto", geometry: Any = None, threshold: float = 0.5,
                  min_area: int = 1, bf16: bool = False, plain: bool = False, backend: str = "pytorch") -> None:
         from model import load_model                      # here: torch loads only when a network is needed
+        from utils.export.maps import RELEASE_SIZE, Geometry, trained_geometry
         from utils.export.onnx_runtime import prepare_backend
-        from utils.export.predict import RELEASE_SIZE, Geometry, trained_geometry
         from utils.export.writer import default_weights
         if model is None:
             model = default_weights(None)                 # the shipped NUAA-SIRST model
@@ -226,9 +230,9 @@ class Detector:
         self.net = prepare_backend(model, backend, device, training_size=self.geometry.resize or RELEASE_SIZE,
                                    bf16=bf16, plain=plain)
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
+    def __call__(self, image: np.ndarray | str | Path) -> tuple[np.ndarray, list[Detection]]:
+        from utils.export.maps import predict
         from utils.io.images import resize_linear
-        from utils.export.predict import predict
         image = checked_image(image)
         probability = probability_from_logits(predict(self.net, image, self.geometry).T)
         found = to_image_pixels(detect(probability, self.threshold, self.min_area), probability.shape, image.shape)
@@ -237,18 +241,25 @@ class Detector:
         return probability, found
 
 
-DETECTOR_INPUT = ("a grayscale image (H, W): uint8 (0..255) or uint16 (0..65535) as read from a file, or float "
-                  "in [0, 1]")
+DETECTOR_INPUT = ("an image file's path, or an image as cv2.imread(path, cv2.IMREAD_UNCHANGED) gives it (H, W), "
+                  "(H, W, 3) BGR or (H, W, 4) BGRA, uint8 (0..255) or uint16 (0..65535), or a gray float image "
+                  "(H, W) in [0, 1]")
 
 
 def checked_image(image: Any) -> np.ndarray:
-    """``image`` as an array if it is what ``Detector`` takes (``DETECTOR_INPUT``); else a ValueError that says what
-    was given, what is expected and how to convert it."""
+    """``image`` as the gray array the network takes if it is what ``Detector`` takes (``DETECTOR_INPUT``): a path
+    read by ``read_image`` (as t_models.py reads it), a colour or alpha image converted by ``gray_as_read`` (as
+    reading its file converts it); else a ValueError that says what was given, what is expected and how to
+    convert it."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
     image = np.asarray(image)
     given = f"got {image.dtype} {tuple(image.shape)}"
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}, a colour image: convert it, e.g. "
-                         f"cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)")
+    if image.ndim == 3 and image.shape[2] in (1, 3, 4) and image.dtype in (np.uint8, np.uint16):
+        image = gray_as_read(image)
+    elif image.ndim == 3 and image.shape[2] in (3, 4):
+        raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}, a float colour image: pass it as read "
+                         f"(uint8 or uint16), or convert it to gray, e.g. cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)")
     if image.ndim != 2:
         raise ValueError(f"Detector expects {DETECTOR_INPUT}; {given}: pass one image at a time, its single channel "
                          f"as (H, W) (e.g. image.squeeze())")

@@ -15,7 +15,9 @@ PyTorch deploy form itself differs from the paper forward by 1e-4); otherwise th
 
 Input ``image`` (N, 1, H, W) float32 in [0, 1]; outputs ``T`` (logits of the last stage), with ``outputs="BTD"``
 also ``B`` and ``D`` of the last stage, with ``outputs="stages"`` ``B1, T1, D1, ..., BK, TK, DK``. The model's
-metadata says the training size, K, the input, the size multiple and the outputs.
+metadata says the training size (the geometry to run it at), the threshold, K, the input, the size multiple, the
+outputs and the checks it passed: a saved file runs as it is (``utils.export.onnx_runtime.OnnxRuntimeNet``,
+t_models.py --onnx-model, onnx_detect.py), without PyTorch.
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ from torch import nn
 from model import deploy
 from model.dconet import SIZE_MULTIPLE
 from utils import ProjectError
+from utils.export.onnx_runtime import DEFAULT_THRESHOLD, INSTALL_HINT, OnnxRuntimeNet
 
 ONNX_OPSET = 18
 ONNX_T_ATOL = 1e-4           # max |T - PyTorch T| the export accepts, times max(1, max |T|), at every size
 OUTPUTS = ("T", "BTD", "stages")
-INSTALL_HINT = "pip install onnx onnxscript onnxruntime (all three are in requirements.txt)"
 MIN_TORCH = (2, 6)           # torch.onnx.export(dynamo=True, dynamic_shapes=...) as used here
 
 
@@ -132,8 +134,7 @@ def check_onnx(path: str | Path, model: nn.Module, shapes: list[tuple[int, int, 
                seed: int = 0) -> list[SizeCheck]:
     """Run the ONNX file with ONNX Runtime and the PyTorch deploy form of ``model`` on the same seeded random
     images (N, 1, H, W) in [0, 1] for each (N, H, W) in ``shapes``; max |T - PyTorch T| per shape."""
-    from utils.export.onnx_runtime import OnnxRuntimeNet
-    runtime = OnnxRuntimeNet.from_file(path, threads=threads)
+    runtime = OnnxRuntimeNet.from_file(path, threads=threads or torch.get_num_threads())
     reference = deploy(model, device="cpu")
     generator = torch.Generator().manual_seed(seed)
     checks = []
@@ -152,10 +153,12 @@ def check_onnx(path: str | Path, model: nn.Module, shapes: list[tuple[int, int, 
     return checks
 
 
-def trace_to_onnx(model: nn.Module, path: str | Path, training_size: int, outputs: str = "T") -> None:
-    """Write the deploy form of ``model`` as ONNX (opset ``ONNX_OPSET``, dynamic N, H, W), unchecked."""
+def trace_to_onnx(model: nn.Module, path: str | Path, training_size: int, outputs: str = "T",
+                  threshold: float = DEFAULT_THRESHOLD, native: bool = False) -> None:
+    """Write the deploy form of ``model`` as ONNX (opset ``ONNX_OPSET``, dynamic N, H, W), unchecked; its metadata
+    holds what a runner needs besides the graph: the training size and default geometry (``native``: weights
+    trained at native scale run at each image's own size) and the threshold."""
     require_onnx("ONNX export")
-    import onnx
     net = deploy(model, channels_last=False, device="cpu").model     # the deployed DCONet itself, NCHW
     stage_num = len(net.stages)
     batch, rows, cols = torch.export.Dim("batch"), torch.export.Dim("rows32"), torch.export.Dim("cols32")
@@ -167,22 +170,34 @@ def trace_to_onnx(model: nn.Module, path: str | Path, training_size: int, output
             input_names=["image"], output_names=output_names(outputs, stage_num), external_data=False,
             dynamic_shapes={"image": {0: batch, 2: SIZE_MULTIPLE * rows, 3: SIZE_MULTIPLE * cols}}, verbose=False)
     program.save(str(path), external_data=False)
+    add_metadata(path, {
+        "model": "DCONet (deploy form, BatchNorm folded)", "stage_num": str(stage_num),
+        "training_size": str(training_size), "size_multiple": str(SIZE_MULTIPLE), "threshold": repr(float(threshold)),
+        "default_geometry": "native" if native else "resize",
+        "input": f"image (N, 1, H, W) float32 in [0, 1]; H and W positive multiples of {SIZE_MULTIPLE}; images "
+                 + ("at their own size, reflect-padded at the bottom and right to multiples of it (default_geometry "
+                    "native)" if native else "resized to training_size x training_size as the release does (8-bit "
+                    "INTER_LINEAR, then / 255)"),
+        "outputs": ", ".join(output_names(outputs, stage_num)) + " (N, 1, H, W) float32; T are logits: a pixel is "
+                   "a target when sigmoid(T) > threshold"})
+
+
+def add_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to the metadata_props of the ONNX file at ``path`` (a key given again is replaced)."""
+    import onnx
     proto = onnx.load(str(path))
-    metadata = {"model": "DCONet (deploy form, BatchNorm folded)", "stage_num": str(stage_num),
-                "training_size": str(training_size), "size_multiple": str(SIZE_MULTIPLE),
-                "input": f"image (N, 1, H, W) float32 in [0, 1]; H and W positive multiples of {SIZE_MULTIPLE}",
-                "outputs": ", ".join(output_names(outputs, stage_num)) + " (N, 1, H, W) float32; T are logits: "
-                           "sigmoid(T) > 0.5 is a target pixel"}
-    onnx.helper.set_model_props(proto, metadata)
+    kept = {prop.key: prop.value for prop in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**kept, **metadata})
     onnx.save(proto, str(path))
 
 
 def export_onnx(model: nn.Module, path: str | Path, training_size: int, outputs: str = "T",
                 shapes: list[tuple[int, int, int]] | None = None, overwrite: bool = False,
-                atol: float = ONNX_T_ATOL) -> OnnxReport:
+                atol: float = ONNX_T_ATOL, threshold: float = DEFAULT_THRESHOLD, native: bool = False) -> OnnxReport:
     """Write ``model``'s deploy form to ``path`` as ONNX and keep it only if ONNX Runtime's T is within
     ``atol * max(1, max |T|)`` of the PyTorch deploy form's at every shape of ``shapes`` (default
-    ``check_shapes(training_size)``).
+    ``check_shapes(training_size)``). The kept file's metadata says the checks it passed (``checked``), its
+    training size and ``threshold``: what ``OnnxRuntimeNet`` and onnx_detect.py run it with.
 
     The graph is written beside ``path`` under a temporary name and moved there once checked, so a refused or
     interrupted export leaves no file. Raises ``OnnxExportError`` (the checks in its message) on a refusal,
@@ -199,12 +214,13 @@ def export_onnx(model: nn.Module, path: str | Path, training_size: int, outputs:
     handle, tmp = tempfile.mkstemp(suffix=".onnx.part", dir=path.parent)
     os.close(handle)
     try:
-        trace_to_onnx(model, tmp, training_size, outputs)
+        trace_to_onnx(model, tmp, training_size, outputs, threshold, native)
         report = OnnxReport(path, check_onnx(tmp, model, shapes or check_shapes(training_size)), atol)
         if not report.passed:
             raise OnnxExportError(f"{path}: the exported graph disagrees with PyTorch (tolerance {atol:g} x "
                                   f"max(1, max |T|); "
                                   f"{report.describe()}); the file was not written")
+        add_metadata(tmp, {"checked": f"{report.describe()} (tolerance {atol:g} x max(1, max |T|))"})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                                  # mkstemp made it private

@@ -1,5 +1,6 @@
-"""What an export may write and where: its options, the results it must not replace, the inputs it must never
-touch, and what an interrupted export already finished (``resume``).
+"""What an export may write and where: its options and the command-line flags that set them (the same in
+t_models.py and onnx_detect.py), the results it must not replace, the inputs it must never touch, and what an
+interrupted export already finished (``resume``).
 
 An export is finished frame by frame: a frame's ``mat/<name>.mat`` is the last file written for it (atomically),
 so a frame whose .mat exists has all its files and its rows in the detection table; ``resume`` skips those and
@@ -7,11 +8,14 @@ drops the table rows of any other frame before going on.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from utils.export.maps import Geometry
 
 MAP_FOLDERS = ("img", "mat", "vis", "masks")
 TABLE_NAME = "detections"
@@ -68,6 +72,58 @@ class ExportOptions:
         if self.resume and self.overwrite:
             raise ExportError("--resume and --overwrite exclude each other: --resume keeps the finished results, "
                               "--overwrite replaces them")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of where results go, the geometry, the threshold and what is written; ``export_options`` reads
+    them back."""
+    parser.add_argument("--out", type=Path, help="output folder (default: results/<data set, or input name>)")
+    geometry = parser.add_mutually_exclusive_group()
+    geometry.add_argument("--resize", type=int, metavar="SIZE",
+                          help="resize every image to SIZE x SIZE as the release does (default: the size the weights "
+                               "were trained at, as a checkpoint or an ONNX model of this project records it; 256 "
+                               "for a release best.pkl)")
+    geometry.add_argument("--native", action="store_true",
+                          help="keep each image's own size: pad to a multiple of 32, tile large frames (this "
+                               "project's geometry, not the release's)")
+    parser.add_argument("--tile", type=int, default=Geometry.tile,
+                        help="with --native: run inputs larger than this (px) tile by tile; 0: never (default: 512)")
+    parser.add_argument("--overlap", type=int, default=Geometry.overlap,
+                        help="with --native: overlap of neighbouring tiles in px (default: 128)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="a pixel is target when sigmoid(T) > THRESHOLD (default: the one an ONNX model "
+                             "records, else 0.5, i.e. T > 0)")
+    parser.add_argument("--json", action="store_true", help="also write the targets as JSON Lines (detections.jsonl)")
+    parser.add_argument("--save-masks", action="store_true", help="also write masks/<name>.png, the thresholded map")
+    parser.add_argument("--annotate", nargs="?", type=Path, const=True, default=None, metavar="PATH",
+                        help="write the input with the targets drawn: a video (.avi, .mp4, .mkv) or a folder of "
+                             "PNG frames (default path: <out>/annotated.avi for a video, <out>/annotated/ else)")
+    parser.add_argument("--maps", choices=("auto", "on", "off"), default="auto",
+                        help="write img/ and mat/ per image or frame; auto: for images, not for a video "
+                             "(default: auto)")
+    parser.add_argument("--fps", type=float, help="frame rate of a folder of frames: gives rows a frame index and time")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first unreadable image instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true", help="write over results already in the output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted export in the same output folder: images whose results are "
+                             "complete are kept and skipped, the rest are done (needs the maps: img/ and mat/)")
+
+
+def input_name(path: Path) -> str:
+    """The name of an input's results folder: a file's stem, a folder's own name."""
+    return path.stem if path.is_file() else path.resolve().name
+
+
+def export_options(args: argparse.Namespace, video: bool, out: Path, threshold: float, **more) -> ExportOptions:
+    """The ``ExportOptions`` that ``add_output_arguments``' flags describe, for a source that is a ``video`` or
+    not, written to ``out``; ``more``: the other fields (batch_size, visualize, mask_dir, progress)."""
+    annotate = args.annotate
+    if annotate is True:
+        annotate = out / ("annotated.avi" if video else "annotated")
+    return ExportOptions(maps={"auto": None, "on": True, "off": False}[args.maps], threshold=threshold,
+                         json=args.json, save_masks=args.save_masks, annotate=annotate, fps=args.fps,
+                         strict=args.strict, overwrite=args.overwrite, resume=args.resume, **more)
 
 
 def output_paths(out_dir: Path, options: ExportOptions) -> list[Path]:

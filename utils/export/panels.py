@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Rectangle
 from scipy import ndimage
 
-from model.dconet import StageOutput
+from model.config import StageOutput
 from utils.score.components import components, match_targets
 from utils.score.metrics import score_map
 from utils.score.protocols import PRESETS, MetricConfig

@@ -1,143 +1,31 @@
-"""Inference: DCONet predictions for images of any size, one at a time or in batches, on the CPU or a GPU.
+"""Inference in PyTorch: DCONet predictions for images of any size, one at a time or in batches, on the CPU or a GPU.
 
-The network takes (N, 1, H, W) with H and W multiples of 32. ``Geometry`` says how an image gets there and back:
+The geometry (native or resized, tiles), the batching by size and the ``Prediction`` are ``utils.export.maps``'s,
+which imports no torch and serves onnx_detect.py too; this module adds the PyTorch network: ``prepare_model``
+(the deploy form on a device) and ``run_network`` (one forward pass on numpy arrays). The names of
+``utils.export.maps`` that the PyTorch path uses are imported here with it, so that one import serves::
 
-- native mode (the default): reflect-pad the image at its bottom and right to the next multiple of 32, run,
-  crop the outputs back to the image's own size;
-- resize mode (``Geometry(resize=256)``, the release's): bilinear resize to 256x256, outputs stay 256x256.
-
-An input larger than ``Geometry.tile`` on either side is run tile by tile (tiles overlapping by
-``Geometry.overlap`` pixels, each output pixel taken from the tile it lies most centrally in), so memory stays
-bounded whatever the frame size. Tiled and untiled outputs are not identical: the DBEM's bottleneck attention
-(SOA) mixes all positions of its input and its dilated MDCR convolutions see about 600 px, so a tile never sees
-all the context the whole frame gives. ``TILE_ATOL`` is the difference measured in the tests.
-
-Typical use (training code validating on images of any size)::
-
+    from utils.export.predict import Geometry, iter_predictions, prepare_model
     net = prepare_model(model, torch.device("cuda"))           # a DeployedDCONet: deploy form, eval, on the device
     for prediction in iter_predictions(net, [("img1", image)], Geometry()):
         prediction.T                                            # (H, W) float32 logits
+
+Tiled and untiled outputs are not identical (``utils.export.maps``); ``TILE_ATOL`` in the tests is the difference
+measured.
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.special import expit
 from torch import nn
 
 from model import DeployedDCONet, deploy
-from model.dconet import SIZE_MULTIPLE, StageOutput
-from utils.io.images import pad_to_multiple, release_image, to_unit
+from utils.export.maps import (RELEASE_SIZE, Geometry, Prediction, iter_predictions, predict,  # noqa: F401
+                               run_tiled, trained_geometry)
 from utils.io.runtime import resolve_device
 
-MAPS_PER_STAGE = 3                 # B, T, D: the channel order of the map stacks below
-MAX_PENDING_PIXELS = 1 << 25       # images waiting for a batch of their size, at most (~128 MB of float32)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an image is brought to the network's input and back.
-
-    Args:
-        resize: None for native mode (pad to a multiple of 32, crop back); S for resize mode (bilinear to S x S,
-            outputs at S x S; the release uses 256). S must be a multiple of 32.
-        tile: side of the tiles, in pixels, a multiple of 32; an input larger than this on either side runs tile
-            by tile. 0 never tiles.
-        overlap: context shared by neighbouring tiles, in pixels: a multiple of 32 (so that every tile keeps the
-            whole frame's pooling grid) smaller than ``tile``.
-    """
-
-    resize: int | None = None
-    tile: int = 512
-    overlap: int = 128
-
-    def __post_init__(self) -> None:
-        if self.resize is not None and (self.resize <= 0 or self.resize % SIZE_MULTIPLE):
-            raise ValueError(f"resize must be a positive multiple of {SIZE_MULTIPLE} (the release uses 256), "
-                             f"got {self.resize}")
-        if self.tile < 0 or self.tile % SIZE_MULTIPLE:
-            raise ValueError(f"tile must be 0 (no tiling) or a positive multiple of {SIZE_MULTIPLE}, got {self.tile}")
-        if self.overlap < 0 or self.overlap % SIZE_MULTIPLE or (self.tile and self.overlap >= self.tile):
-            raise ValueError(f"overlap must be a multiple of {SIZE_MULTIPLE} smaller than the tile "
-                             f"({self.tile}), got {self.overlap}")
-
-    def describe(self) -> str:
-        if self.resize:                                   # tiles are for native sizes only
-            return f"resized to {self.resize}x{self.resize}"
-        tiles = f"tiles of {self.tile} px overlapping by {self.overlap}" if self.tile else "no tiling"
-        return f"native size (reflect-padded to x32), {tiles}"
-
-
-RELEASE_SIZE = 256   # the release trains, exports and scores at 256x256
-
-
-def trained_geometry(info: dict, resize: int | None = None, native: bool = False,
-                     tile: int = 512, overlap: int = 128) -> tuple[Geometry, str]:
-    """The geometry to export with, and why, for weights described by ``info`` (from ``model.load_model``).
-
-    By default the one the weights were trained with: a checkpoint of this project carries its training size,
-    a release best.pkl means 256x256 (the release's t_models resizes every image to 256x256). ``resize`` asks
-    for another size; ``native`` for each image's own size (this project's: padded to a multiple of 32, tiled
-    above ``tile`` px)."""
-    if native:
-        return (Geometry(None, tile, overlap),
-                f"native size, padded to a multiple of {SIZE_MULTIPLE} (--native; this project's, not the release's)")
-    trained, why = RELEASE_SIZE, "a release best.pkl: the release trains and exports at 256x256"
-    train_config = info.get("train_config") or {}
-    if info.get("kind") == "project" and train_config.get("geometry") == "native" and resize is None:
-        return (Geometry(None, tile, overlap),
-                f"native size, padded to a multiple of {SIZE_MULTIPLE} (the weights were trained at native scale: "
-                f"--geometry native)")
-    if info.get("kind") == "project":
-        size = info.get("meta", {}).get("base_size") or train_config.get("base_size")
-        if size:
-            trained, why = int(size), "the size this checkpoint was trained at"
-        else:
-            why = "this checkpoint does not say its training size; 256x256 is the release's"
-    if resize is not None and resize != trained:
-        return (Geometry(resize, tile, overlap),
-                f"resized to {resize}x{resize} (--resize; the weights were trained at {trained}x{trained})")
-    return Geometry(trained, tile, overlap), f"resized to {trained}x{trained} as the release does ({why})"
-
-
-@dataclass
-class Prediction:
-    """What the network made of one image, at the output size (native or resized), float32 (H, W) arrays.
-
-    ``T`` are the last stage's target logits (sigmoid(T) > 0.5 is a target pixel), ``B`` its background and ``D``
-    its reconstruction; ``stages`` holds every stage's ``StageOutput(B, T, D)`` when asked for, else is empty.
-    """
-
-    name: str
-    T: np.ndarray
-    B: np.ndarray
-    D: np.ndarray
-    stages: list[StageOutput] = field(default_factory=list)
-
-    @property
-    def probability(self) -> np.ndarray:
-        """sigmoid(T), float32 (H, W)."""
-        return sigmoid(self.T)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """sigmoid(T) as float32 (H, W)."""
-    return expit(np.asarray(logits, dtype=np.float32))
-
-
-def to_png(logits: np.ndarray) -> np.ndarray:
-    """The 8-bit picture of a prediction: round(sigmoid(T) * 255), uint8 (H, W), computed in float64 so that
-    values near a half grey level round the same way on every machine."""
-    return np.rint(expit(np.asarray(logits, dtype=np.float64)) * 255.0).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------------------
 
 def prepare_model(model: nn.Module, device: str | torch.device, bf16: bool = False, compile: bool = False,
                   plain: bool = False, sub_batch: int | None = None) -> DeployedDCONet:
@@ -168,42 +56,6 @@ def model_device(model) -> torch.device:
     raise ValueError(f"{type(model).__name__} holds no tensor to tell its device by")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Geometry
-# ----------------------------------------------------------------------------------------------------------
-
-def network_input(image: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The (H', W') float32 array the network runs on: resized as the release does, or padded to multiples of 32.
-
-    ``image`` is a gray array as ``utils.io.images.read_image`` gives it (uint8 or uint16) or float32 in [0, 1].
-    Resize mode is the release's geometry: an 8-bit image is resized as 8 bits (INTER_LINEAR), then / 255."""
-    image = np.asarray(image)
-    if image.ndim != 2 or image.size == 0:
-        raise ValueError(f"expected a non-empty grayscale image (H, W), got shape {image.shape}")
-    if geometry.resize:
-        return release_image(image, (geometry.resize, geometry.resize))
-    return pad_to_multiple(to_unit(image))
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of the tiles covering [0, length): stride tile - overlap, the last one flush with the end."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def tile_cuts(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
-    """The part of [0, length) each tile supplies: neighbours split their overlap in the middle."""
-    bounds = [0] + [(b + a + tile) // 2 for a, b in zip(starts[:-1], starts[1:])] + [length]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running the network
-# ----------------------------------------------------------------------------------------------------------
-
 def run_network(model: nn.Module, batch: np.ndarray, return_stages: bool = False) -> np.ndarray:
     """One forward pass of a prepared model on a batch (N, H, W) of network inputs (H, W multiples of 32).
 
@@ -216,82 +68,3 @@ def run_network(model: nn.Module, batch: np.ndarray, return_stages: bool = False
         kept = stages if return_stages else stages[-1:]
         maps = torch.cat([torch.cat([s.B, s.T, s.D], dim=1) for s in kept], dim=1)  # (N, 3S, H, W)
         return maps.float().cpu().numpy()
-
-
-def run_tiled(model: nn.Module, x: np.ndarray, geometry: Geometry, batch_size: int = 1,
-              return_stages: bool = False) -> np.ndarray:
-    """The map stack (3 * S, H, W) of one large input (H, W), computed tile by tile, ``batch_size`` tiles at a time."""
-    h, w = x.shape
-    th, tw = min(geometry.tile, h), min(geometry.tile, w)
-    rows, cols = tile_starts(h, th, geometry.overlap), tile_starts(w, tw, geometry.overlap)
-    row_cuts, col_cuts = tile_cuts(rows, th, h), tile_cuts(cols, tw, w)
-    jobs = [(r, c, rc, cc) for r, rc in zip(rows, row_cuts) for c, cc in zip(cols, col_cuts)]
-    out: np.ndarray | None = None
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        maps = run_network(model, np.stack([x[r:r + th, c:c + tw] for r, c, _, _ in chunk]), return_stages)
-        if out is None:
-            out = np.empty((maps.shape[1], h, w), dtype=np.float32)
-        for tile_maps, (r, c, (r0, r1), (c0, c1)) in zip(maps, chunk):
-            out[:, r0:r1, c0:c1] = tile_maps[:, r0 - r:r1 - r, c0 - c:c1 - c]
-    return out
-
-
-def needs_tiling(shape: tuple[int, int], geometry: Geometry) -> bool:
-    return bool(geometry.tile) and max(shape) > geometry.tile
-
-
-def _prediction(name: str, image_shape: tuple[int, int], maps: np.ndarray, geometry: Geometry,
-                keep_stages: bool) -> Prediction:
-    """Crop a map stack (3S, H', W') back to the image (native mode) and split it into stages."""
-    if not geometry.resize:
-        maps = maps[:, :image_shape[0], :image_shape[1]]
-    stages = [StageOutput(*(np.ascontiguousarray(m) for m in maps[i:i + MAPS_PER_STAGE]))
-              for i in range(0, len(maps), MAPS_PER_STAGE)]
-    last = stages[-1]
-    return Prediction(name=name, T=last.T, B=last.B, D=last.D, stages=stages if keep_stages else [])
-
-
-def iter_predictions(model: nn.Module, items: Iterable[tuple[str, np.ndarray]], geometry: Geometry = Geometry(),
-                     batch_size: int = 1, return_stages: bool = False) -> Iterator[Prediction]:
-    """Predictions for (name, image) pairs, images (H, W) of any sizes, as ``read_image`` gives them (uint8 or
-    uint16) or float32 in [0, 1].
-
-    Images whose network inputs have the same size are batched together (``batch_size`` at most; the prepared
-    model runs a batch ``model.sub_batch`` images per forward pass); a batch is run as soon as it is full, or when the waiting images exceed ``MAX_PENDING_PIXELS``. Predictions therefore
-    come in completion order, not always in input order (in input order when batch_size is 1).
-    ``model`` is a prepared model (``prepare_model``). With ``return_stages`` every stage's maps are kept
-    (``Prediction.stages``; a one-stage model's single stage is B, T, D themselves).
-    """
-    assert batch_size >= 1, f"batch_size must be at least 1, got {batch_size}"
-    pending: dict[tuple[int, int], list[tuple[str, tuple[int, int], np.ndarray]]] = {}  # by input size
-
-    def flush(key: tuple[int, int]) -> Iterator[Prediction]:
-        group = pending.pop(key)
-        maps = run_network(model, np.stack([x for _, _, x in group]), return_stages)   # (n, 3S, H', W')
-        for (name, shape, _), image_maps in zip(group, maps):
-            yield _prediction(name, shape, image_maps, geometry, return_stages)
-
-    def pending_pixels() -> int:
-        return sum(len(group) * h * w for (h, w), group in pending.items())
-
-    for name, image in items:
-        x = network_input(image, geometry)
-        shape = np.shape(image)
-        if needs_tiling(x.shape, geometry):
-            maps = run_tiled(model, x, geometry, batch_size, return_stages)
-            yield _prediction(name, shape, maps, geometry, return_stages)
-            continue
-        pending.setdefault(x.shape, []).append((name, shape, x))
-        if len(pending[x.shape]) >= batch_size:
-            yield from flush(x.shape)
-        elif pending_pixels() > MAX_PENDING_PIXELS:
-            yield from flush(max(pending, key=lambda k: len(pending[k]) * k[0] * k[1]))
-    for key in list(pending):
-        yield from flush(key)
-
-
-def predict(model: nn.Module, image: np.ndarray, geometry: Geometry = Geometry(),
-            return_stages: bool = False) -> Prediction:
-    """The prediction for one image (H, W): uint8/uint16 as read from a file, or float32 in [0, 1]."""
-    return next(iter_predictions(model, [("image", image)], geometry, 1, return_stages))

@@ -20,7 +20,6 @@ Nothing is overwritten without ``overwrite``; memory stays constant whatever the
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -29,17 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.io
-from torch import nn
-from tqdm import tqdm
 
+from model.config import SHIPPED_MODEL
 from utils.export.detection_table import DetectionTable
 from utils.export.outputs import (MAP_FOLDERS, TABLE_NAME, ExportError, ExportInterrupted, ExportOptions,  # noqa: F401
                                   check_output, finished_frames, keep_rows_of, output_paths)
 from utils.export.detections import detect, draw_detections, to_image_pixels, write_mask
 from utils.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, release_image, \
     resize_mask_centres, resize_nearest, to_unit, write_png
-from utils.export.predict import Geometry, Prediction, iter_predictions, to_png
+from utils.export.maps import Geometry, Prediction, iter_predictions, write_prediction
 from utils.io.frame_writer import FrameWriter
 from utils.io.video import FrameSource, list_frames
 
@@ -62,22 +59,24 @@ class ExportSummary:
     def per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else math.nan
 
+    def report(self, script: str, video: bool, out: Path) -> int:
+        """Print what was written (stdout) and what could not be read (stderr); the script's exit status: 1 when
+        some images or frames could not be read, else 0."""
+        unit = "frame(s)" if video else "image(s)"
+        kept = f" (and kept the {self.kept} an earlier export had finished)" if self.kept else ""
+        print(f"wrote {self.written} {unit}{kept} to {out} in {self.seconds:.1f} s ({self.per_second:.2f} "
+              f"{unit[:-3]}/s); {self.detections} target(s) in " + ", ".join(str(p) for p in self.files)
+              + (f"; {self.panels} panel(s) in {out / 'vis'}" if self.panels else ""))
+        if self.unread:
+            print(f"{script}: error: {self.unread} {unit} could not be read and were skipped (the first listed above)",
+                  file=sys.stderr)
+            return 1
+        return 0
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Files out
 # ----------------------------------------------------------------------------------------------------------
-
-def write_prediction(prediction: Prediction, out_dir: str | Path) -> None:
-    """The release's layout: img/<name>.png (round(sigmoid(T) * 255), 8-bit) and mat/<name>.mat (T logits, B and
-    D of the last stage, float32 (H, W))."""
-    out_dir = Path(out_dir)
-    write_png(out_dir / "img" / f"{prediction.name}.png", to_png(prediction.T), overwrite=True)  # checked before
-    (out_dir / "mat").mkdir(parents=True, exist_ok=True)
-    path = out_dir / "mat" / f"{prediction.name}.mat"
-    tmp = path.with_name(f".{path.name}.tmp")          # whole or absent: resume counts a frame done by its .mat
-    scipy.io.savemat(tmp, {name: np.asarray(getattr(prediction, name), dtype=np.float32) for name in ("T", "B", "D")})
-    os.replace(tmp, path)
-
 
 def find_mask(mask_dir: Path | None, stem: str) -> Path | None:
     """<mask_dir>/<stem>.<any image suffix>, or None."""
@@ -117,23 +116,24 @@ def _check_names(source: FrameSource) -> None:
                           f"results would overwrite each other: rename or move them")
 
 
-def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry: Geometry = Geometry(),
+def export(model, source: FrameSource, out_dir: str | Path, geometry: Geometry = Geometry(),
            options: ExportOptions = ExportOptions(), warn: Callable[[str], None] | None = None) -> ExportSummary:
-    """Predict every image or frame of ``source`` with a prepared model (``utils.export.predict.prepare_model``) and
-    write what ``options`` asks for under ``out_dir``. An unreadable image or frame is reported through
-    ``warn`` (default: stderr, above the progress bar) and skipped (``ExportError`` with ``options.strict``)."""
+    """Predict every image or frame of ``source`` with a prepared PyTorch model (``utils.export.predict.prepare_model``)
+    or an ``ArrayNetwork`` (``utils.export.onnx_runtime.OnnxRuntimeNet``) and write what ``options`` asks for under
+    ``out_dir``. An unreadable image or frame is reported through ``warn`` (default: stderr, above the progress
+    bar) and skipped (``ExportError`` with ``options.strict``). Without ``options.progress`` nothing here needs
+    tqdm (onnx_detect.py runs with numpy, OpenCV, SciPy and ONNX Runtime alone)."""
     out_dir = Path(out_dir)
     _check_names(source)
     check_output(out_dir, options)
-    warn = warn or (lambda message: tqdm.write(message, file=sys.stderr))
     video = source.kind == "video"
     maps = (not video) if options.maps is None else options.maps
     sequence = video or options.fps is not None
     summary = ExportSummary()
     finished = finished_frames(out_dir, options, maps, video) if options.resume else set()
     waiting = {}
-    unit = "frame" if video else "img"
-    bar = tqdm(total=source.frame_count, unit=unit, disable=not options.progress or None, dynamic_ncols=True)
+    bar = progress_bar(source.frame_count, "frame" if video else "img", options.progress)
+    warn = warn or (lambda message: bar.write(message, file=sys.stderr))
 
     def frames() -> Iterator[tuple[str, np.ndarray]]:
         reported = 0
@@ -208,6 +208,28 @@ def export(model: nn.Module, source: FrameSource, out_dir: str | Path, geometry:
     return summary
 
 
+class _NoBar:
+    """What ``export`` asks of a progress bar (tqdm's update, close and write), when none is shown."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def write(message: str, file=None) -> None:
+        print(message, file=file or sys.stdout, flush=True)
+
+
+def progress_bar(total: int | None, unit: str, shown: bool):
+    """A tqdm bar (drawn on terminals only) or, when not ``shown``, one that shows nothing and needs no tqdm."""
+    if not shown:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, unit=unit, disable=None, dynamic_ncols=True)
+
+
 def _panel(out_dir: Path, image: np.ndarray, prediction: Prediction, geometry: Geometry, mask_dir: Path | None,
            warn: Callable[[str], None]) -> None:
     from utils.export.panels import save_panel   # here: matplotlib loads only when panels are asked for
@@ -235,14 +257,13 @@ def dataset_images(data_root: str | Path, name: str) -> tuple[Path, Path]:
     return folder, root / name / "test" / "masks"
 
 
-# The model this project ships: NUAA-SIRST, trained on two CPU cores (Weight/NUAA-SIRST/README.md). Found beside
-# the code, whatever the working folder.
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "Weight" / "NUAA-SIRST" / "best.pkl"
+# The model this project ships: NUAA-SIRST, trained on two CPU cores (Weight/NUAA-SIRST/README.md).
+SHIPPED_WEIGHTS = SHIPPED_MODEL / "best.pkl"
 
 
 def default_weights(dataset: str | None, weight_root: str | Path = "Weight") -> Path:
-    """Weight/<dataset>/best.pkl, which training writes (for NUAA-SIRST: the shipped model unless a run of one's
-    own is there); without a data set, the shipped model. An error that says what to do when it is absent."""
+    """Weight/<dataset>/best.pkl, which training writes (for NUAA-SIRST: the shipped model, unless the working
+    folder is not the repository's and has a run of its own there); without a data set, the shipped model. An error that says what to do when it is absent."""
     if dataset is None or (dataset == "NUAA-SIRST" and not (Path(weight_root) / dataset / "best.pkl").is_file()):
         if not SHIPPED_WEIGHTS.is_file():
             raise ExportError(f"no weights given and the shipped model {SHIPPED_WEIGHTS} is missing: pass --weights "

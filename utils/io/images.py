@@ -100,6 +100,27 @@ def read_image(path: str | Path) -> np.ndarray:
     raise ImageReadError(f"{path}: unsupported pixel type {gray.dtype}; use 8- or 16-bit images")
 
 
+def gray_as_read(image: np.ndarray) -> np.ndarray:
+    """One gray channel (H, W) of an image as ``cv2.imread(path, cv2.IMREAD_UNCHANGED)`` gives it (gray (H, W) or
+    (H, W, 1), BGR (H, W, 3) or BGRA (H, W, 4); uint8 or uint16), converted as ``read_image`` converts a PNG file
+    holding these pixels: by the same decoder call (its colour-to-gray weights, alpha ignored), the pixels passing
+    through a PNG in memory. The conversion of a PNG file whose sRGB or gAMA chunk asks the decoder to convert in
+    linear light (5 of NUAA-SIRST's 427 frames) is not in its pixels: such a file reads up to 2 grey levels apart
+    from its array, and only its path gives exactly what ``read_image`` gives."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return image
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"expected a gray, BGR or BGRA image of 8 or 16 bits as cv2.IMREAD_UNCHANGED reads it, got "
+                         f"{image.dtype} {image.shape}")
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image), [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    if not ok:
+        raise ValueError(f"an image of shape {image.shape} and type {image.dtype} could not be converted to gray")
+    return cv2.imdecode(encoded, _READ_FLAGS)
+
+
 def to_unit(gray: np.ndarray) -> np.ndarray:
     """float32 in [0, 1]: 8-bit values / 255, 16-bit values / 65535; float arrays are taken as they are."""
     gray = np.asarray(gray)

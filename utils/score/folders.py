@@ -25,6 +25,7 @@ from utils.score.protocols import PRESETS, InvalidPredictionError
 PROTOCOLS = ("paper", "standard")
 SATURATED_LOGIT = 200.0  # sigmoid of +-200 is exactly 1 or 0 in float32: the logit of a 255 or 0 pixel
 MAX_NAMES_LISTED = 20
+MASK_MIN_BACKGROUND = 0.9    # the share of 0 pixels a mask with more than two grey levels must have (checked_mask)
 
 
 class UserError(ValueError):
@@ -65,6 +66,23 @@ def read_prediction(path: Path, png_is_binary: bool = False) -> np.ndarray:
     if not np.isfinite(logits).all():
         raise UserError(f"{path}: the prediction holds NaN or inf values; export it again from a finite model output")
     return logits
+
+
+def checked_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    """``mask`` if it can be a mask, else a UserError naming ``path`` and what it holds. A mask is 0 for
+    background and one value for targets; anti-aliased or compressed edges add other values around targets, on a
+    background that stays mostly 0. More than two grey levels with less than ``MASK_MIN_BACKGROUND`` of the
+    pixels at 0 is an image (the frames of NUAA-SIRST hold 12 to 256 levels and at most 82% zeros; its masks
+    two levels)."""
+    levels = np.unique(mask)
+    background = float(np.count_nonzero(mask == 0)) / max(mask.size, 1)
+    if len(levels) > 2 and background < MASK_MIN_BACKGROUND:
+        raise UserError(f"{path}: not a mask: it holds {len(levels)} grey levels ({levels.min()} to {levels.max()}) "
+                        f"and {background:.0%} of its pixels are 0, where a mask is 0 for background and one value "
+                        f"for targets (at least {MASK_MIN_BACKGROUND:.0%} of 0 when its edges add levels). Is "
+                        f"{path.parent} a folder of images? Give --mask-dir the folder of masks "
+                        f"(<data-root>/NAME/test/masks)")
+    return mask
 
 
 def _by_stem(files: list[Path], what: str) -> dict[str, Path]:
@@ -136,7 +154,7 @@ def score_folders(pred_dir: str | Path, mask_dir: str | Path, protocols: Sequenc
     evaluators = {name: Evaluator(PRESETS[name]) for name in protocols}
     try:
         for stem, pred_path, mask_path in pairs:
-            logits, mask = read_prediction(pred_path, png_is_binary), read_mask(mask_path)
+            logits, mask = read_prediction(pred_path, png_is_binary), checked_mask(read_mask(mask_path), mask_path)
             for evaluator in evaluators.values():
                 evaluator.update(logits, mask, name=stem)
     except (ImageReadError, InvalidPredictionError) as error:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,17 +37,13 @@ def _smooth(values: list[float]) -> list[float]:
     return out
 
 
-def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = None,
-                max_iteration: int | None = None) -> Path:
-    """Draw ``runs`` overlaid (loss parts and lr, then validation mIoU, nIoU, F1, Pd, Fa, against the global
-    iteration; with ``max_iteration``, the points up to that iteration only) and write a PNG to ``out``
-    atomically (a temporary file beside it, then os.replace)."""
+def curves_figure(runs: Sequence[RunCurves], title: str | None = None, max_iteration: int | None = None):
+    """The matplotlib Figure that ``plot_curves`` writes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg      # Agg only, no pyplot state
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    figure = Figure(figsize=(18, 7.5), dpi=100)
-    figure.subplots_adjust(left=0.04, right=0.99, bottom=0.07, top=0.92 if title else 0.95, wspace=0.28, hspace=0.22)
+    figure = Figure(figsize=(18, 7.5), dpi=100, layout="constrained")     # room for every axis's labels
     FigureCanvasAgg(figure)
     if max_iteration is not None:
         runs = [_cropped(run, max_iteration) for run in runs]
@@ -97,7 +94,15 @@ def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = 
                 transform=legend.transAxes, fontsize=8, va="bottom", color="0.35")
     if title:
         figure.suptitle(title)
+    return figure
 
+
+def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = None,
+                max_iteration: int | None = None) -> Path:
+    """Draw ``runs`` overlaid (loss parts and lr, then validation mIoU, nIoU, F1, Pd, Fa, against the global
+    iteration; with ``max_iteration``, the points up to that iteration only) and write a PNG to ``out``
+    atomically (a temporary file beside it, then os.replace)."""
+    figure = curves_figure(runs, title, max_iteration)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -128,5 +133,7 @@ def _finish(ax, title: str, drawn: bool, y_scale: str) -> None:
         ax.text(0.5, 0.5, "not in these logs", transform=ax.transAxes, ha="center", va="center", color="0.5")
     elif y_scale == "symlog":
         ax.set_yscale("symlog", linthresh=1)
+        # from 0 to the next power of ten above the data, so that a single value too sits between ticks
+        ax.set_ylim(0, 10 ** math.ceil(math.log10(max(ax.dataLim.y1, 1.0) * 1.25)))
     else:
         ax.set_yscale(y_scale)

@@ -154,6 +154,16 @@ def predict_logits(model: torch.nn.Module, dataset, indices: list[int], *, devic
     return out
 
 
+def prediction_pictures(model: torch.nn.Module, dataset, indices: list[int], *, device: torch.device) -> torch.Tensor:
+    """(N, 1, H, 3W) rows of image | mask | sigmoid(T) of the given samples, for TensorBoard; frames of other sizes
+    (native geometry) zero-padded at the bottom and right to the largest."""
+    logits = predict_logits(model, dataset, indices, device=device)
+    rows = [torch.cat([dataset[i]["image"], dataset[i]["mask"], torch.sigmoid(torch.from_numpy(logits[i]))[None]],
+                      dim=2) for i in indices]
+    h, w = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, w - r.shape[2], 0, h - r.shape[1])) for r in rows])
+
+
 def evaluate(model: torch.nn.Module, dataset, *, device: torch.device, batch_size: int = 8,
              autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo()) -> dict[str, float]:
     """``VALIDATION`` scores of ``model`` on ``dataset`` (each rank predicts its share, rank 0 scores them all,

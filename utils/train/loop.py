@@ -22,7 +22,8 @@ from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.train.ema import WeightAverage
-from utils.train.engine import autocast_context, evaluate, false_targets, predict_logits, train_one_epoch
+from utils.train.engine import (autocast_context, evaluate, false_targets, prediction_pictures,
+                                train_one_epoch)
 from utils.train.layout import set_memory_format
 from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
@@ -100,8 +101,8 @@ class Trainer:
             # the batch size a variable of the compiled graph from the start: the epoch's last, smaller batch
             # (drop_last is off, as in the release) then runs the same graph instead of compiling another
             self.net.register_forward_pre_hook(lambda _, inputs: torch._dynamo.maybe_mark_dynamic(inputs[0], 0))
-        self.log = RunLog(self.run_dir, enabled=self.info.is_main,
-                          purge_step=self.progress["global_step"] if config.resume else None)
+        # TensorBoard drops what earlier attempts logged from this iteration on (their files are kept)
+        self.log = RunLog(self.run_dir, enabled=self.info.is_main, purge_step=self.progress["global_step"])
         self.log.write_config(config)
 
     def _restore(self, payload: dict) -> None:
@@ -194,14 +195,9 @@ class Trainer:
 
     def _pictures(self, net) -> None:
         shown = list(range(min(self.config.vis_images, len(self.data.val))))
-        if not shown:
-            return
-        logits = predict_logits(net, self.data.val, shown, device=self.device)
-        rows = [torch.cat([self.data.val[i]["image"], self.data.val[i]["mask"],
-                           torch.sigmoid(torch.from_numpy(logits[i]))[None]], dim=2) for i in shown]
-        h, w = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)    # native frames differ in size
-        rows = [torch.nn.functional.pad(r, (0, w - r.shape[2], 0, h - r.shape[1])) for r in rows]
-        self.log.images("val/image_mask_prediction", torch.stack(rows), self.progress["global_step"])
+        if shown:
+            pictures = prediction_pictures(net, self.data.val, shown, device=self.device)
+            self.log.images("val/image_mask_prediction", pictures, self.progress["global_step"])
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _read_at(self, start: int):
@@ -260,10 +256,9 @@ class Trainer:
         config, p = self.config, self.progress
         if self.info.is_main:
             print("DCONet training:")
-            for part in ("train", "val"):
-                print(f"  {part}: {getattr(self.data, part).describe()}")
-            if self.negatives is not None:
-                print(f"  held-out {self.negatives.describe()}")
+            held_out = [("held-out", self.negatives)] if self.negatives is not None else []
+            for part, data in [("train", self.data.train), ("val", self.data.val)] + held_out:
+                print(f"  {part}: {data.describe()}")
             print(f"  device {self.device} ({self.malloc}), {self.info.world_size} process(es), "
                   f"{self.iters_per_epoch} iterations per epoch, {self.total_iterations} in all; writing to "
                   f"{self.run_dir}", flush=True)
@@ -277,6 +272,7 @@ class Trainer:
                    disable=None if self.info.is_main else True)     # None: a bar on terminals only
         clock = {"t0": time.perf_counter(), "step0": p["global_step"]}
         self._new_memory_window()
+        epoch, saved = p["epoch"] + 1, p["epoch"]            # saved: the epoch latest.pkl holds
         try:
             while p["epoch"] < config.epochs:
                 epoch = p["epoch"] + 1
@@ -297,7 +293,12 @@ class Trainer:
                 self.log(f"epoch {epoch}/{config.epochs} done - {losses} - lr {stats['lr']:.3e} (last used)")
                 self.validate(epoch, epoch_end=True)
                 self._save("latest.pkl")
+                saved = epoch
                 dist_utils.barrier(self.info)
+        except KeyboardInterrupt:
+            self.log(f"interrupted in epoch {epoch}/{config.epochs} (iteration {p['global_step']} read last); "
+                     + (f"latest.pkl holds epoch {saved}" if saved else "no epoch had finished"))
+            raise
         finally:
             bar.close()
             self.log.close()

@@ -4,15 +4,25 @@ A run folder holds ``best.pkl`` (best validation mIoU), ``latest.pkl`` (the whol
 finished epoch), ``config.json``, ``log.txt``, ``curves.png`` (drawn from the log at each validation) and
 TensorBoard event files. Nothing in it is replaced silently:
 
+- the folder of the model this project ships (``model.config.SHIPPED_MODEL``, Weight/NUAA-SIRST, which is also
+  NUAA-SIRST's default run folder) is never a run folder: training refuses it, with ``--resume`` or
+  ``--overwrite`` too, and the message says to give the run its own ``--out``;
 - a folder with a ``latest.pkl`` is continued with ``--resume`` or replaced with ``--overwrite``;
 - a folder left by a run stopped before its first checkpoint (logs only) is simply started again in place, its
   log continuing; one that holds a ``best.pkl`` but no ``latest.pkl`` (stopped during its first epoch after a
   validation) has nothing to resume from and needs ``--overwrite`` (or another ``--out``), which the error says.
+
+A stopped run's log says where it stopped (``interrupted in epoch ...``), and ``continue_hint`` gives the command
+that goes on. Its TensorBoard event files are kept; each attempt's new event file begins with a purge at the
+iteration it starts from (0 for a run started again in place, the checkpoint's for ``--resume``), so TensorBoard
+shows every iteration once, from the attempt that trained it last.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -22,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import save_checkpoint
+from model import SHIPPED_MODEL, save_checkpoint
 from utils import ProjectError
 from utils.train.config import CHANGEABLE_ON_RESUME, TrainConfig, flatten_settings
 
@@ -59,14 +69,30 @@ class NonFiniteLoss(TrainingError):
                 f"with --overwrite")
 
 
-def continue_hint(run_dir: Path) -> str:
-    """What to run after a run in ``run_dir`` stopped, judged by the checkpoints it left."""
+def continue_hint(config: TrainConfig) -> str:
+    """What to run after a run of ``config`` stopped, judged by the checkpoints it left: the whole command."""
+    run_dir = config.run_dir()
+    data_root = "" if config.data_root == TrainConfig.data_root else f" --data-root {shlex.quote(config.data_root)}"
     if (run_dir / "latest.pkl").exists():
-        return f"continue with --resume ({run_dir / 'latest.pkl'} holds the last finished epoch)"
+        return (f"{run_dir / 'latest.pkl'} holds the last finished epoch; continue with: "
+                f"python run_0.py --out {shlex.quote(str(run_dir))}{data_root} --resume")
+    again = (f"python run_0.py --config {shlex.quote(str(run_dir / 'config.json'))}"
+             if (run_dir / "config.json").exists() else "the same command")
     if (run_dir / "best.pkl").exists():
-        return ("no epoch had finished, so there is nothing to resume from: run the same command again with "
-                "--overwrite (it replaces the best.pkl of the first validations)")
-    return "no checkpoint was written: run the same command again, it starts afresh in the same folder"
+        return (f"no epoch had finished, so there is nothing to resume from; start again with: {again} --overwrite "
+                f"(it replaces the best.pkl of the first validations)")
+    return f"no checkpoint was written; start again (in the same folder) with: {again}"
+
+
+def refuse_shipped_model(config: TrainConfig) -> None:
+    """A TrainingError when the run folder of ``config`` is the shipped model's (the same folder, however named)."""
+    run_dir = config.run_dir()
+    if run_dir.exists() and SHIPPED_MODEL.is_dir() and os.path.samefile(run_dir, SHIPPED_MODEL):
+        held = ", ".join(sorted(p.name for p in SHIPPED_MODEL.iterdir()))
+        raise TrainingError(
+            f"{run_dir} is the NUAA-SIRST model shipped with this project ({held}), which t_models.py and "
+            f"Detector() run when no weights are given; no training run writes there or replaces it. "
+            f"Give the run a folder of its own: the same command with --out runs/{config.dataset}")
 
 
 def _existing(run_dir: Path) -> list[str]:
@@ -79,6 +105,7 @@ def _existing(run_dir: Path) -> list[str]:
 def prepare_run_dir(config: TrainConfig) -> tuple[Path, bool]:
     """The run folder, checked against the never-overwrite-silently rule; returns (folder, created), ``created``
     telling whether this call made the folder (``remove_if_empty`` then takes it away if the start fails)."""
+    refuse_shipped_model(config)
     run_dir = config.run_dir()
     existing = _existing(run_dir)
     if config.resume:
