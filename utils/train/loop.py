@@ -19,15 +19,15 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from model import DCONet, deploy, load_checkpoint
+from model import deploy, load_checkpoint
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.data.datasets import build_datasets
 from utils.data.splits import DatasetWarning
-from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch
+from utils.train.engine import autocast_context, evaluate, predict_logits, train_one_epoch, training_parts
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
-from utils.io.runtime import amp_dtype, resolve_device
+from utils.io.runtime import resolve_device
 from utils.train.schedule import continue_schedule, poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
 from utils.train.curves import refresh_run_curves
@@ -77,16 +77,8 @@ class Trainer:
         self.iters_per_epoch = len(self.loader)
         self.total_iterations = config.epochs * self.iters_per_epoch
 
-        self.model = DCONet(config.model).to(self.device)
-        self.model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
-        self.model.use_kernels(config.kernels == "fast")
-        # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                          fused=True if self.device.type == "cuda" else None)
+        self.model, self.optimizer, self.scaler = training_parts(config, self.device)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
-        fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
-                and amp_dtype(self.device, config.amp_dtype) == torch.float16)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
         # the moving average of the weights, of the plain module (before SyncBN or DDP). Its BatchNorm statistics
         # are the trained module's, copied at each update: averaged statistics lag behind activations whose scale
