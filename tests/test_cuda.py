@@ -62,8 +62,12 @@ def strict(device) -> torch.device:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """16 training and 4 test images of 64x64. (At 32x32 the bottleneck holds one position: its BatchNorm then
+    normalises 4 values a channel, which makes gradients ill-conditioned (2% apart between two layouts at the
+    first step), and the CPU's float16 autocast, which unlike CUDA's leaves norms in float16, divides 0 by 0 in
+    the attention there.)"""
     root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "tiny", n_trainval=16, n_test=4, size=32, seed=3)
+    write_dataset(root, "tiny", n_trainval=16, n_test=4, size=64, seed=3)
     return root
 
 
@@ -78,7 +82,7 @@ class _StopBeforeEpoch4(Trainer):
 
 def _arguments(data_root, out, device, *extra: str) -> list[str]:
     return ["--dataset", "tiny", "--data-root", str(data_root), "--out", str(out), "--batch-size", "4",
-            "--base-size", "32", "--stage-num", "2", "--lr", "1e-3", "--log-every", "2", "--vis-images", "0",
+            "--base-size", "64", "--stage-num", "2", "--lr", "1e-3", "--log-every", "2", "--vis-images", "0",
             "--device", device.type, *extra]
 
 
@@ -106,16 +110,16 @@ def _assert_on(device: torch.device, *tensors: torch.Tensor) -> None:
 
 
 def assert_gradients_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                           rtol: float = GRAD_RTOL) -> None:
+                           rtol: float = GRAD_RTOL, floor: float = 1e-3) -> None:
     """The whole gradient within ``rtol`` of its norm, and each tensor's within ``rtol`` of its own norm, taken as
-    at least 1e-3 of the whole gradient's: the biases before a training-mode BatchNorm (about 50 tensors) have a
-    true gradient of zero, and what both runs hold there is rounding noise (1e-11 to 1e-5), which a comparison
-    relative to itself cannot judge."""
+    at least ``floor`` times the whole gradient's: the biases before a training-mode BatchNorm (about 50 tensors)
+    have a true gradient of zero, and what both runs hold there is rounding noise (1e-11 to 1e-5), which a
+    comparison relative to itself cannot judge."""
     whole = torch.cat([g.flatten() for g in expected.values()])
     difference = torch.cat([(got[name] - g).flatten() for name, g in expected.items()])
     assert difference.norm() < rtol * whole.norm(), f"whole gradient: {difference.norm() / whole.norm():.2e}"
     for name, g in expected.items():
-        error, scale = (got[name] - g).norm(), torch.maximum(g.norm(), 1e-3 * whole.norm())
+        error, scale = (got[name] - g).norm(), torch.maximum(g.norm(), floor * whole.norm())
         assert error < rtol * scale, f"{name}: |difference| {error:.2e}, |gradient| {g.norm():.2e}, " \
                                      f"whole {whole.norm():.2e}"
 
@@ -209,10 +213,7 @@ def test_mixed_precision_steps(data_root, tmp_path, device, dtype):
     if device.type == "cuda" and dtype == "bf16" and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bf16 is emulated on this GPU")
     out = tmp_path / dtype
-    # 64x64: the bottleneck's attention over one position (32x32) divides 0 by 0 in float16 on the CPU, whose
-    # autocast, unlike CUDA's, leaves norms in float16
-    trainer = _trainer(data_root, out, device, "--epochs", "2", "--amp", "--amp-dtype", dtype, "--base-size", "64",
-                       "--stage-num", "1")
+    trainer = _trainer(data_root, out, device, "--epochs", "2", "--amp", "--amp-dtype", dtype, "--stage-num", "1")
     computed = set()            # the dtypes that the convolutions called as modules computed in, in training
 
     def hook(module, inputs, output):
@@ -281,7 +282,7 @@ def test_channels_last_trains_as_the_contiguous_layout_does(data_root, tmp_path,
     ((T, grads), losses), ((T_cl, grads_cl), losses_cl) = runs["contiguous"], runs["channels_last"]
     _assert_on(device, T_cl, *grads_cl.values())
     assert (T_cl - T).abs().max() < CL_TRAIN_ATOL * max(1.0, T.abs().max().item())
-    assert_gradients_close(grads_cl, grads)
+    assert_gradients_close(grads_cl, grads, floor=1e-2)   # channels_last BatchNorm: ~10x the rounding
     assert len(losses_cl) == 2 and losses_cl[-1] < losses_cl[0], losses_cl
     assert losses_cl[0] == pytest.approx(losses[0], rel=2e-3)       # later, the runs' rounding has grown apart
 
@@ -349,7 +350,7 @@ def test_two_nccl_ranks_hold_identical_weights(data_root, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port), str(REPO / "tests" / "train" / "_ddp_worker.py"),
                "--dataset", "tiny", "--data-root", str(data_root), "--out", str(out), "--epochs", "2",
-               "--batch-size", "4", "--base-size", "32", "--stage-num", "2", "--device", "cuda", "--sync-bn"]
+               "--batch-size", "4", "--base-size", "64", "--stage-num", "2", "--device", "cuda", "--sync-bn"]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TORCH_FLAGS, kept_torch_flags
+from model.ops import gpu_forms
 from utils.io import runtime
 from utils.io.runtime import RuntimeOptions, amp_dtype, forced_gpu_paths, gpu_paths
 from utils.train.config import TrainConfig
@@ -45,14 +46,14 @@ def test_a_gpu_index_beyond_the_gpus_names_the_ones_there(two_gpus):
 
 def test_forced_gpu_paths_take_the_gpus_set_up_on_the_cpu():
     cpu = torch.device("cpu")
-    assert not gpu_paths(cpu)
+    assert not gpu_paths(cpu) and not gpu_forms(cpu)
     with forced_gpu_paths():
-        assert gpu_paths(cpu)
+        assert gpu_paths(cpu) and gpu_forms(cpu)        # the model's kernels read the same switch
         torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
         RuntimeOptions(device="cpu").setup(fixed_sizes=True)
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
         assert not torch.backends.cuda.matmul.allow_tf32
-    assert not gpu_paths(cpu)
+    assert not gpu_paths(cpu) and not gpu_forms(cpu)
     torch.backends.cudnn.benchmark = False
     RuntimeOptions(device="cpu").setup(fixed_sizes=True)          # the CPU's own paths leave the flags alone
     assert not torch.backends.cudnn.benchmark
