@@ -235,9 +235,8 @@ def test_mixed_precision_steps(data_root, tmp_path, device, dtype):
     assert trainer.scaler.is_enabled() == (dtype == "fp16")
     if dtype == "fp16":
         assert len(scales) == steps == 8
-        skipped = steps - taken
-        assert skipped == sum(b < a for a, b in zip([65536.0] + scales, scales)), scales
-        assert skipped <= 3 and all(b >= a for a, b in zip(scales[3:], scales[4:])), scales    # none after the 4th
+        assert steps - taken == sum(b < a for a, b in zip([65536.0] + scales, scales)), scales   # each halved it
+        assert all(b >= a for a, b in zip(scales[3:], scales[4:])), scales     # no step skipped after the 4th
     else:
         assert taken == steps == 8 and not scales
     losses = _epoch_losses(out)
@@ -292,8 +291,9 @@ def test_the_compiled_step_equals_eager(data_root, tmp_path, device):
     results = []
     for compiled in (False, True):
         # one step of 16 images: no partial batch, so the compiled graph serves the whole run
+        # strict float32: on CUDA the two runs' TF32 roundings would differ more than compiling changes
         trainer = _train(data_root, tmp_path / str(compiled), device, "--epochs", "1", "--batch-size", "16",
-                         "--stage-num", "1", *(["--compile"] if compiled else []))    # K = 1: half the compiling
+                         "--stage-num", "1", "--strict-float32", *(["--compile"] if compiled else []))  # K = 1: faster
         assert trainer.progress["global_step"] == 1 and len(_epoch_losses(tmp_path / str(compiled))) == 1
         assert (trainer.net is not trainer.model) == compiled
         results.append((_epoch_losses(tmp_path / str(compiled))[0],

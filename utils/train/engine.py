@@ -100,9 +100,9 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
     queues work ahead of a GPU. Each read calls ``on_step(step, parts)`` for every step read, in order (step
     1-based; the parts averaged over the ranks, with ``lr``, the learning rate that iteration used). A
     non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: off the GPU paths,
-    on the CPU, where reading costs nothing) before it reaches the weights, else at the next read. ``after_update()`` runs after
-    every optimizer step (a moving average of the weights, say). Returns the epoch's mean loss
-    parts, the last ``lr`` used and ``iterations``.
+    on the CPU, where reading costs nothing) before it reaches the weights, else at the next read.
+    ``after_update()`` runs after every optimizer step (a moving average of the weights, say). Returns the
+    epoch's mean loss parts, the last ``lr`` used and ``iterations``.
     """
     net.train()
     sums = dict.fromkeys(PARTS, 0.0)
