@@ -52,13 +52,16 @@ INFER_VARIANTS = {
     "deploy-compile": "deploy(model, compile=True)",
     "deploy-bf16-compile": "deploy(model, bf16=True, compile=True)",
 }
+# Training rows take one step as run_0.py does: the trainer's model, optimizer and loss scaler
+# (utils.train.engine.training_parts: fused Adam on CUDA) through train_one_epoch (SoftIoU + 0.1 MSE), with the
+# run_0.py settings named here.
 TRAIN_VARIANTS = {
-    "paper": "DCONet.train(), float32, NCHW, speed kernels off; Adam step, SoftIoU + 0.1 MSE",
-    "plain": "DCONet.train().use_kernels(True), float32, NCHW; Adam step, SoftIoU + 0.1 MSE",
-    "cl": "set_channels_last(True)",
-    "ckpt": "set_checkpointing(True)",
-    "cl-ckpt": "set_channels_last(True) and set_checkpointing(True)",
-    "cl-bf16": "set_channels_last(True) under torch.autocast(bfloat16)",
+    "paper": "--kernels plain: the paper's forward, float32, NCHW",
+    "plain": "run_0.py's defaults: --kernels fast, float32, NCHW",
+    "cl": "--memory-format channels_last",
+    "ckpt": "--checkpointing",
+    "cl-ckpt": "--memory-format channels_last --checkpointing",
+    "cl-bf16": "--memory-format channels_last --bf16 (torch.autocast(bfloat16))",
 }
 
 
@@ -131,7 +134,7 @@ def _yardstick() -> float:
 
 
 def _build(case: dict):
-    """(callable that runs one call, model description)."""
+    """A callable that runs one call (an inference, or a training step)."""
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -140,46 +143,52 @@ def _build(case: dict):
 
     device = torch.device(case["device"])
     torch.manual_seed(0)
+    if case["kind"] == "train":
+        return _build_training_step(case, device)
     model = DCONet(DCONetConfig(stage_num=case["stages"])).to(device).use_kernels(case["variant"] != "paper")
     x = torch.rand(case["batch"], 1, case["size"], case["size"], device=device)
     variant = case["variant"]
     bf16 = "bf16" in variant
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not variant.startswith("deploy"))
-
-    if case["kind"] == "infer":
-        model.eval()
-        if variant == "plain-cl":
-            model.set_channels_last(True)
-        if variant.startswith("deploy"):
-            net = deploy(model, bf16=bf16, channels_last=variant != "deploy-nchw", compile="compile" in variant,
-                         sub_batch=case["batch"] if variant == "deploy-batch" else None)
-        else:
-            net = model
-
-        def run():
-            with torch.no_grad(), autocast:
-                return net(x)
-        return run
-
-    model.train()
-    if variant.startswith("cl"):
+    model.eval()
+    if variant == "plain-cl":
         model.set_channels_last(True)
-    if "ckpt" in variant:
-        model.set_checkpointing(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    mask = (torch.rand_like(x) > 0.995).float()
+    if variant.startswith("deploy"):
+        net = deploy(model, bf16=bf16, channels_last=variant != "deploy-nchw", compile="compile" in variant,
+                     sub_batch=case["batch"] if variant == "deploy-batch" else None)
+    else:
+        net = model
 
     def run():
-        with autocast:
-            D, T = model(x)
-        p = torch.sigmoid(T.float())
-        inter = (p * mask).sum((1, 2, 3))
-        soft_iou = (inter + 1) / (p.sum((1, 2, 3)) + mask.sum((1, 2, 3)) - inter + 1)
-        loss = 1 - soft_iou.mean() + 0.1 * ((D.float() - x) ** 2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
+        with torch.no_grad(), autocast:
+            return net(x)
+    return run
+
+
+def _build_training_step(case: dict, device):
+    """One training step as run_0.py takes it with the variant's settings (``TRAIN_VARIANTS``)."""
+    import torch
+    from model import DCONetConfig
+    from utils.io.runtime import RuntimeOptions
+    from utils.train.config import TrainConfig
+    from utils.train.engine import autocast_context, train_one_epoch, training_parts
+    from utils.train.schedule import poly_scheduler
+
+    variant = case["variant"]
+    config = TrainConfig(model=DCONetConfig(stage_num=case["stages"]),
+                         kernels="plain" if variant == "paper" else "fast",
+                         memory_format="channels_last" if variant.startswith("cl") else "contiguous",
+                         checkpointing="ckpt" in variant,
+                         runtime=RuntimeOptions(device=case["device"], bf16="bf16" in variant))
+    model, optimizer, scaler = training_parts(config, device)
+    scheduler = poly_scheduler(optimizer, 10 ** 6, config.poly_power)
+    x = torch.rand(case["batch"], 1, case["size"], case["size"], device=device)
+    batch = [{"image": x, "mask": (torch.rand_like(x) > 0.995).float()}]
+
+    def run():
+        return train_one_epoch(model, batch, optimizer, scheduler, device=device, scaler=scaler,
+                               autocast=lambda: autocast_context(device, config.runtime.bf16, config.amp,
+                                                                 config.amp_dtype))
     return run
 
 
@@ -198,14 +207,14 @@ def child(case: dict) -> dict:
     yard_before = _yardstick()
     start = time.perf_counter()
     run = _build(case)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     run()                                                   # warm-up (and compilation, if any)
     sync()
     first = time.perf_counter() - start
     if case["kind"] == "train" or case["batch"] == 1:
         run()                                               # a second warm-up: allocator and caches settle
         sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()                # the peak of the timed calls, not of cuDNN's trials
     times = []
     for _ in range(case["reps"]):
         t = time.perf_counter()

@@ -21,6 +21,7 @@ from torch import nn
 
 from .capabilities import Reparameterizable
 from .dconet import DCONet, StageOutput, unwrap
+from .ops import gpu_forms
 
 # bf16=True runs the blocks that declare ``bf16_capable`` (the BSGU and the reconstruction, the latter's first
 # convolution excepted) in bfloat16. The DBEM stays float32: its output B enters T = D - B + ... directly, so its
@@ -132,6 +133,6 @@ def deploy(model: nn.Module, bf16: bool = False, channels_last: bool = True, com
     if not plain:
         reparameterize_blocks(deployed, bool(bf16))
         deployed.set_channels_last(channels_last)
-    if sub_batch is None and device.type == "cpu":
+    if sub_batch is None and not gpu_forms(device):
         sub_batch = 1
     return DeployedDCONet(deployed, device, sub_batch, plain=plain, bf16=bool(bf16), compile=compile).eval()

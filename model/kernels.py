@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import add_to_border, conv_from_one, exporting
+from .ops import add_to_border, conv_from_one, exporting, gpu_forms
 
 BAND_BYTES = 4 << 20   # deploy form on the CPU: rows per band of the gates chosen so that a band holds about this much
 
@@ -88,7 +88,7 @@ def gated_cell_in_bands(x: torch.Tensor, c0: torch.Tensor, w5: torch.Tensor, b5:
     layout = torch.channels_last if nhwc else torch.contiguous_format
     c = torch.empty(n, C, H, W, dtype=x.dtype, device=x.device, memory_format=layout)
     h = torch.empty_like(c)
-    rows = H if x.device.type != "cpu" else max(1, BAND_BYTES // (4 * C * W * x.element_size() * n))
+    rows = H if gpu_forms(x.device) else max(1, BAND_BYTES // (4 * C * W * x.element_size() * n))
     per_pixel_c0 = tuple(c0.shape[-2:]) != (1, 1)                         # later stages: conv_c(c_prev)
     xp = F.pad(x, (0, 0, 2, 2))                                           # the 5x5's zero rows
     for r0 in range(0, H, rows):

@@ -12,18 +12,23 @@ one composed convolution are in ``model.kernels``.
 
 Per device: the matrix-product forms exist for oneDNN. On a GPU, cuDNN runs these shapes well, and the forms'
 per-image loops and k*k shifted adds would be hundreds of small kernel launches per step; there
-``conv_from_one``, ``conv_to_one`` and ``conv_to_one_float`` are one ``F.conv2d`` call (``_on_cpu``).
+``conv_from_one``, ``conv_to_one`` and ``conv_to_one_float`` are one ``F.conv2d`` call (``gpu_forms``). The
+environment variable DCONET_GPU_PATHS=1 (``utils.io.runtime.forced_gpu_paths``) makes the CPU take the GPU's forms,
+so that tests run them on machines without a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _on_cpu(x: torch.Tensor) -> bool:
-    """Whether the matrix-product forms run for ``x``: on the CPU (oneDNN) yes, on a GPU cuDNN's convolution."""
-    return x.device.type == "cpu"
+def gpu_forms(device: torch.device) -> bool:
+    """Whether the kernels take their GPU forms on ``device`` (cuDNN's convolutions, whole-image bands): on CUDA,
+    or anywhere while DCONET_GPU_PATHS is 1; else the CPU's matrix-product forms (oneDNN)."""
+    return device.type == "cuda" or os.environ.get("DCONET_GPU_PATHS") == "1"
 
 
 def is_nhwc(x: torch.Tensor) -> bool:
@@ -133,7 +138,7 @@ def conv_from_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``nhwc`` returns the (N, C, H, W) result stored as (N, H, W, C) (channels_last)."""
     if weight.shape[1] != 1 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 != 1:
         raise ValueError(f"conv_from_one needs a (C, 1, k, k) weight with k odd, got {tuple(weight.shape)}")
-    if not _on_cpu(x):
+    if gpu_forms(x.device):
         return F.conv2d(x, nhwc_weight(weight) if nhwc else weight, bias, padding=weight.shape[-1] // 2)
     return _ConvFromOne.apply(x, weight, bias, nhwc)
 
@@ -185,7 +190,7 @@ def conv_to_one_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """The forward of ``conv_to_one`` (no autograd); the tap planes are summed in float32 at least. On a GPU, and
     while exporting (where the per-image loop would freeze the batch size), one float32 convolution."""
     c, k = weight.shape[1], weight.shape[-1]
-    if exporting() or not _on_cpu(x):
+    if exporting() or gpu_forms(x.device):
         dtype = torch.promote_types(x.dtype, torch.float32)
         return F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), padding=k // 2)
     n, _, h, w = x.shape
@@ -212,7 +217,7 @@ def conv_to_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """conv2d with one output channel, weight (1, C, k, k), k odd, padding k // 2; x (N, C, H, W)."""
     if weight.shape[0] != 1 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 != 1:
         raise ValueError(f"conv_to_one needs a (1, C, k, k) weight with k odd, got {tuple(weight.shape)}")
-    if not _on_cpu(x):
+    if gpu_forms(x.device):
         return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
     return _ConvToOne.apply(x, weight, bias)
 

@@ -6,10 +6,14 @@ rebuilt from a seed, and a 12-map metric case), which every clone has, and the l
 ../shared/reference/, which add coverage where they are present and are skipped otherwise."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+
+from utils.io.runtime import GPU_PATHS_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -18,6 +22,72 @@ PORTABLE = REPO / "tests" / "reference"
 # Tolerances for this project against ../shared/reference/dconet_k2_seed0.pt (its README): eval-mode D and T,
 # train-mode D and T, BatchNorm running statistics (absolute), gradients (relative norm of the difference).
 EVAL_ATOL, TRAIN_ATOL, STATS_ATOL, GRAD_RTOL = 1e-4, 1e-4, 1e-5, 2e-2
+# Train-mode outputs in channels_last layout: PyTorch's channels_last BatchNorm sums the batch statistics less
+# exactly than its NCHW kernel, hence a wider bound (benchmarks/README.md, "Precision of the deploy form and the
+# training switches").
+CL_TRAIN_ATOL = 2.5e-4
+
+
+def _attribute(owner, name: str) -> tuple:
+    return lambda: getattr(owner, name), lambda value: setattr(owner, name, value)
+
+
+def _environment(variable: str) -> tuple:
+    def write(value: str | None) -> None:
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
+    return lambda: os.environ.get(variable), write
+
+
+# The process-wide settings that tests, or the code they run, change (the scripts' set-up turns TF32 and
+# cudnn.benchmark on for GPUs): name -> (read, write), written back in this order. The matrix-product precision
+# and cuda.matmul.allow_tf32 are one setting seen two ways: the precision goes first, as it also sets the CPU's
+# (oneDNN's) matrix products. (PyTorch 2.9 and later also offer per-operator ``fp32_precision`` settings; the
+# flags here are views of them, and reading a view after a mix of both kinds of setter raises.)
+TORCH_FLAGS = {
+    "cudnn.allow_tf32": _attribute(torch.backends.cudnn, "allow_tf32"),
+    "cudnn.benchmark": _attribute(torch.backends.cudnn, "benchmark"),
+    "cudnn.deterministic": _attribute(torch.backends.cudnn, "deterministic"),
+    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    "cuda.matmul.allow_tf32": _attribute(torch.backends.cuda.matmul, "allow_tf32"),
+    "deterministic_algorithms": (lambda: (torch.are_deterministic_algorithms_enabled(),
+                                          torch.is_deterministic_algorithms_warn_only_enabled()),
+                                 lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1])),
+    "num_threads": (torch.get_num_threads, torch.set_num_threads),
+    GPU_PATHS_VARIABLE: _environment(GPU_PATHS_VARIABLE),
+}
+
+
+def _differs(read, value) -> bool:
+    try:
+        return read() != value
+    except RuntimeError:        # a view that the settings left inconsistent: written back all the same
+        return True
+
+
+@contextmanager
+def kept_torch_flags():
+    """Each of ``TORCH_FLAGS``, and on CUDA the synchronisation debug mode, read on entry and written back on exit
+    where it changed, by torch's own getters and setters."""
+    saved = {name: read() for name, (read, _) in TORCH_FLAGS.items()}
+    sync_mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_initialized() else 0
+    try:
+        yield
+    finally:
+        for name, (read, write) in TORCH_FLAGS.items():
+            if _differs(read, saved[name]):
+                write(saved[name])
+        if torch.cuda.is_initialized() and torch.cuda.get_sync_debug_mode() != sync_mode:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_flags():
+    """Every test starts from the flags the one before it started from (``kept_torch_flags``)."""
+    with kept_torch_flags():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,10 @@ import copy
 import pytest
 import torch
 
-from conftest import EVAL_ATOL, GRAD_RTOL, STATS_ATOL, TRAIN_ATOL, perturbed_model, reference_loss
+from conftest import CL_TRAIN_ATOL, EVAL_ATOL, GRAD_RTOL, STATS_ATOL, TRAIN_ATOL, perturbed_model, reference_loss
 from model import DCONet, DCONetConfig, from_release_state_dict, to_release_state_dict
 from model.bottleneck import MDCR
 from model.release import release_gradients
-
-# Train-mode outputs in channels_last layout: PyTorch's channels_last BatchNorm sums the batch statistics less
-# exactly than its NCHW kernel, hence a wider bound (benchmarks/README.md, "Precision of the deploy form and the
-# training switches").
-CL_TRAIN_ATOL = 2.5e-4
 
 
 def test_release_parameter_count():

@@ -9,10 +9,17 @@ and calls the same ``setup``. On NVIDIA GPUs it applies the release's numerics: 
 ``strict_float32`` turns TF32 off everywhere. ``fixed_sizes`` (training, benchmarks) lets cuDNN pick the fastest
 algorithm per input size (``cudnn.benchmark``). On the CPU, OpenMP's idle spinning is capped by every script
 before torch loads (``utils.io.cpu_memory.limit_openmp_spinning``).
+
+``gpu_paths(device)`` is the one test of "take the GPU's code paths" (the model's kernels, fused Adam, fp16 with
+loss scaling, pinned memory and persistent DataLoader workers, these flags): true on CUDA, and on the CPU too
+while ``forced_gpu_paths()`` holds, so that tests and ``gpu_check.sh --dry-run`` run every GPU branch on a
+machine without one (the model reads the same switch, the environment variable ``DCONET_GPU_PATHS``).
 """
 from __future__ import annotations
 
 import argparse
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -41,6 +48,29 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device {name!r}: this project runs on cpu or cuda")
     return device
+
+
+GPU_PATHS_VARIABLE = "DCONET_GPU_PATHS"      # "1": every device takes the GPU's code paths (model.ops reads it too)
+
+
+def gpu_paths(device: torch.device) -> bool:
+    """Whether code running on ``device`` takes the GPU's paths: on CUDA, or anywhere under ``forced_gpu_paths``."""
+    return device.type == "cuda" or os.environ.get(GPU_PATHS_VARIABLE) == "1"
+
+
+@contextmanager
+def forced_gpu_paths():
+    """Within it (and in the processes it starts), the CPU takes the GPU's code paths (``gpu_paths``); the setting
+    before it is restored after."""
+    before = os.environ.get(GPU_PATHS_VARIABLE)
+    os.environ[GPU_PATHS_VARIABLE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GPU_PATHS_VARIABLE, None)
+        else:
+            os.environ[GPU_PATHS_VARIABLE] = before
 
 
 def setting(default, help_text: str, choices: tuple | None = None, changeable: bool = False):
@@ -93,7 +123,9 @@ class RuntimeOptions:
         limit_openmp_spinning()        # effective where torch has not loaded libgomp yet (scripts call it first)
         device = device if device is not None else resolve_device(self.device)
         if device.type == "cuda":
-            torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_device(torch.device("cuda", index))
+        if gpu_paths(device):
             torch.backends.cudnn.allow_tf32 = not self.strict_float32
             torch.backends.cuda.matmul.allow_tf32 = False      # PyTorch's default: float32 matrix products
             torch.backends.cudnn.benchmark = fixed_sizes

@@ -1,5 +1,6 @@
 """The training engine: one epoch of the release's recipe, and validation, as free functions returning dicts.
 
+    model, optimizer, scaler = training_parts(config, device)     # as the trainer builds them
     stats = train_one_epoch(net, loader, optimizer, scheduler, device=device, on_step=log_step)
     scores = evaluate(deploy(model), val_set, device=device)   # {"mIoU": ..., "Pd": ..., ...}
 
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from model import DCONet
 from utils.io import runtime
 from utils.train import distributed as dist_utils
+from utils.train.config import TrainConfig
 from utils.data.datasets import target_pixels
 from utils.train.losses import dconet_loss
 from utils.train.run_dir import NonFiniteLoss
@@ -32,13 +35,29 @@ VALIDATION = replace(PRESETS["standard"], name="validation", seg_score="logit", 
 
 
 def autocast_context(device: torch.device, bf16: bool = False, amp: bool = False, amp_dtype: str = "auto"):
-    """bf16 autocast (``bf16``, CPU or CUDA), CUDA mixed precision (``amp``, dtype per ``runtime.amp_dtype``), or
-    nothing."""
+    """bf16 autocast (``bf16``, CPU or CUDA), GPU mixed precision (``amp`` where ``runtime.gpu_paths``, dtype per
+    ``runtime.amp_dtype``), or nothing."""
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=runtime.amp_dtype(device, amp_dtype))
+    if amp and runtime.gpu_paths(device):
+        return torch.autocast(device.type, dtype=runtime.amp_dtype(device, amp_dtype))
     return nullcontext()
+
+
+def training_parts(config: TrainConfig, device: torch.device) -> tuple[DCONet, torch.optim.Adam,
+                                                                        torch.amp.GradScaler]:
+    """The model, its optimizer and the loss scaler that ``config`` trains with on ``device``: the model in its
+    layout, checkpointing and kernels; Adam, on a GPU (``runtime.gpu_paths``) the fused one (the same update in one
+    kernel launch instead of several per parameter); a GradScaler, enabled where --amp computes in float16."""
+    model = DCONet(config.model).to(device)
+    model.set_channels_last(config.memory_format == "channels_last").set_checkpointing(config.checkpointing)
+    model.use_kernels(config.kernels == "fast")
+    gpu = runtime.gpu_paths(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=True if gpu else None)
+    fp16 = (config.amp and not config.runtime.bf16 and gpu
+            and runtime.amp_dtype(device, config.amp_dtype) == torch.float16)
+    return model, optimizer, torch.amp.GradScaler(device.type, enabled=fp16)
 
 
 PARTS = ("loss", "soft_iou", "mse")     # the loss parts, in the order the engine stacks them
@@ -82,10 +101,10 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
     validations; every step when None) and at the epoch's end, all pending steps at once, so that the host
     queues work ahead of a GPU. Each read calls ``on_step(step, parts)`` for every step read, in order (step
     1-based; the parts averaged over the ranks, with ``lr``, the learning rate that iteration used). A
-    non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: on the CPU, where
-    reading costs nothing) before it reaches the weights, else at the next read. ``after_update()`` runs after
-    every optimizer step (a moving average of the weights, say). Returns the epoch's mean loss
-    parts, the last ``lr`` used and ``iterations``.
+    non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: off the GPU paths,
+    on the CPU, where reading costs nothing) before it reaches the weights, else at the next read.
+    ``after_update()`` runs after every optimizer step (a moving average of the weights, say). Returns the
+    epoch's mean loss parts, the last ``lr`` used and ``iterations``.
     """
     net.train()
     sums = dict.fromkeys(PARTS, 0.0)
@@ -93,7 +112,7 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
     steps = 0
     pending: list[tuple[int, torch.Tensor, float]] = []
     if check_each_step is None:
-        check_each_step = device.type == "cpu"
+        check_each_step = not runtime.gpu_paths(device)
 
     def read() -> None:
         for step, parts in read_parts(pending, info):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.io.runtime import gpu_paths
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 
@@ -54,9 +55,10 @@ def make_loader(dataset, config: TrainConfig, *, train: bool, epoch: int, info: 
     """A DataLoader whose order depends only on (seed, epoch): the same on a resumed run as on an unbroken one.
     drop_last=False, as the release's: the last, smaller batch is trained on and the poly schedule counts it.
     ``train``: shuffled, with the epoch's augmentation draws (``set_loader_epoch`` moves it to another epoch)."""
-    workers = config.workers if config.workers >= 0 else (2 if device.type == "cuda" else 0)
+    gpu = gpu_paths(device)
+    workers = config.workers if config.workers >= 0 else (2 if gpu else 0)
     options = dict(batch_size=config.batch_size, shuffle=False, num_workers=workers, drop_last=False,
-                   pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                   pin_memory=gpu, persistent_workers=workers > 0)
     if not train:
         return DataLoader(dataset, **options)
 

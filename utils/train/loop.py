@@ -17,18 +17,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from model import DCONet, deploy, load_checkpoint
+from model import deploy, load_checkpoint
 from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.train.ema import WeightAverage
-from utils.train.engine import (autocast_context, evaluate, false_targets, prediction_pictures,
-                                train_one_epoch)
+from utils.train.engine import (autocast_context, evaluate, false_targets, prediction_pictures, train_one_epoch,
+                                training_parts)
 from utils.train.layout import set_memory_format
 from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
                        save_run_checkpoint, seed_everything, set_rng_state)
-from utils.io.runtime import amp_dtype, resolve_device
+from utils.io.runtime import resolve_device
 from utils.train.schedule import continue_schedule, poly_scheduler
 from utils.data.synthetic_sets import ensure_demo_dataset
 from utils.train.curves import refresh_run_curves
@@ -71,17 +71,10 @@ class Trainer:
         self.iters_per_epoch = len(self.loader)
         self.total_iterations = config.epochs * self.iters_per_epoch     # of the run; a resumed one may differ
 
-        self.model = DCONet(config.model).to(self.device)
-        self.model.set_checkpointing(config.checkpointing).use_kernels(config.kernels == "fast")
+        self.model, self.optimizer, self.scaler = training_parts(config, self.device)
         side = config.crop_size or config.base_size       # the training batch's shape, for --memory-format auto
         self.notes += set_memory_format(self.model, config.memory_format, (config.batch_size, 1, side, side), self.info)
-        # on a GPU the fused Adam: the same update in one kernel launch instead of several per parameter
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                          fused=True if self.device.type == "cuda" else None)
-        self.scheduler = poly_scheduler(self.optimizer, config.epochs * self.iters_per_epoch, config.poly_power)
-        fp16 = (config.amp and not config.runtime.bf16 and self.device.type == "cuda"
-                and amp_dtype(self.device, config.amp_dtype) == torch.float16)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
         # the moving average of the weights, of the plain module (before SyncBN or DDP); its BatchNorm statistics
         # are the trained module's (``WeightAverage`` says why)
