@@ -74,10 +74,10 @@ def data_root(tmp_path_factory):
 class _StopBeforeEpoch4(Trainer):
     """Stops as an interrupted run would: after epoch 3's latest.pkl, before epoch 4's."""
 
-    def validate(self, epoch: int) -> dict:
+    def validate(self, epoch: int, epoch_end: bool = False) -> dict:
         if epoch == 4:
             raise KeyboardInterrupt
-        return super().validate(epoch)
+        return super().validate(epoch, epoch_end)
 
 
 def _arguments(data_root, out, device, *extra: str) -> list[str]:
