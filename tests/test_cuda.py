@@ -4,8 +4,9 @@ pipeline, and DistributedDataParallel with NCCL where two GPUs are present.
 
 Every test runs on the CPU with the GPU's code paths forced (``forced_gpu_paths``: the kernels' GPU forms, fused
 Adam, fp16 autocast with a GradScaler, pinned memory and persistent DataLoader workers, the GPU set-up's flags),
-and again on CUDA where PyTorch sees a GPU, with the same assertions; only NCCL needs two GPUs. On CUDA, one test
-also trains between log lines with every synchronisation with the host an error. ``benchmarks/gpu_check.sh`` runs
+and again on CUDA where PyTorch sees a GPU, with the same assertions; only NCCL needs two GPUs. One test trains
+between log lines with every wait of the host for the device an error (on CUDA the runtime's sync debug mode, on
+the CPU every read of a tensor's value back to the host). ``benchmarks/gpu_check.sh`` runs
 this module on a GPU machine (and, with ``--dry-run``, on the CPU). The parity tests run in strict float32
 (``RuntimeOptions.strict_float32``: no TF32), so the CPU's tolerances apply.
 """
@@ -35,6 +36,7 @@ from utils.data.synthetic_sets import write_dataset
 from utils.io.runtime import RuntimeOptions, forced_gpu_paths
 from utils.train import engine
 from utils.train.config import TrainConfig, parse_command_line
+from utils.train.ema import WeightAverage
 from utils.train.losses import dconet_loss
 from utils.train.loop import Trainer
 
@@ -311,33 +313,62 @@ def test_run_0_on_the_gpu_exits_0(data_root, tmp_path, device):
     assert "done: best mIoU" in log and f"\"device\": \"{device.type}\"" in log
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA runtime itself: only on a GPU")
-def test_training_between_log_lines_does_not_wait_for_the_gpu(monkeypatch):
-    """Between the steps that read the loss (log lines, the epoch's end), no operation of a training step may
-    synchronise the host with the GPU: with the debug mode "error", any that does raises."""
-    device, _ = RuntimeOptions(device="cuda").setup(fixed_sizes=True)
-    config = TrainConfig(model=DCONetConfig(stage_num=2), lr=1e-3)
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")   # what waits for a GPU
+
+
+class HostReads:
+    """Refuses, while ``refuse(True)`` holds, every operation that makes the host wait for the device: on CUDA
+    the runtime's own check (sync debug mode "error"); on the CPU, taking the GPU's paths, the tensor methods that
+    read a value back to the host (``HOST_READS``), each of which would wait for a GPU."""
+
+    def __init__(self, device: torch.device, monkeypatch):
+        self.device, self.refusing = device, False
+        if device.type != "cuda":
+            for name in HOST_READS:
+                monkeypatch.setattr(torch.Tensor, name, self._guarded(name, getattr(torch.Tensor, name)))
+
+    def _guarded(self, name: str, method):
+        def read(*args, **kwargs):
+            if self.refusing:
+                raise AssertionError(f"Tensor.{name} between log lines: the host would wait for the GPU")
+            return method(*args, **kwargs)
+        return read
+
+    def refuse(self, on: bool) -> None:
+        self.refusing = on
+        if self.device.type == "cuda":        # put back after the test by conftest's restore_torch_flags too
+            torch.cuda.set_sync_debug_mode("error" if on else 0)
+
+
+def test_training_between_log_lines_does_not_wait_for_the_gpu(device, monkeypatch):
+    """Between the steps that read the loss (log lines, the epoch's end), no operation of a training step, the
+    moving average of the weights included, may synchronise the host with the GPU; the reads themselves may."""
+    device, _ = RuntimeOptions(device=device.type).setup(fixed_sizes=True)
+    config = TrainConfig(model=DCONetConfig(stage_num=2), lr=1e-3, ema=0.99)
     model, optimizer, scaler = engine.training_parts(config, device)
+    average = WeightAverage(model, config.ema)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     x = torch.rand(4, 1, 64, 64, device=device)
     batches = [{"image": x, "mask": (x > 0.99).float()}] * 5
-    read = engine.read_parts
+    read, guard = engine.read_parts, HostReads(device, monkeypatch)
 
     def read_allowed(pending, info):      # a log line: here the host waits, as it must
-        torch.cuda.set_sync_debug_mode(0)
+        guard.refuse(False)
         try:
             return read(pending, info)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
+            guard.refuse(True)
 
     read_steps = []
     options = dict(device=device, scaler=scaler, read_at=lambda step: step == 3,
-                   on_step=lambda step, parts: read_steps.append(step))
+                   on_step=lambda step, parts: read_steps.append(step), after_update=lambda: average.update(model))
     engine.train_one_epoch(model, batches[:1], optimizer, scheduler, **options)   # warm-up: allocator, cuDNN
     monkeypatch.setattr(engine, "read_parts", read_allowed)
-    torch.cuda.set_sync_debug_mode("error")         # put back after the test (conftest's restore_torch_flags)
-    stats = engine.train_one_epoch(model, batches, optimizer, scheduler, **options)
-    torch.cuda.set_sync_debug_mode(0)
+    guard.refuse(True)
+    try:
+        stats = engine.train_one_epoch(model, batches, optimizer, scheduler, **options)
+    finally:
+        guard.refuse(False)
     assert read_steps == [1, 1, 2, 3, 4, 5] and stats["iterations"] == 5 and np.isfinite(stats["loss"])
 
 
