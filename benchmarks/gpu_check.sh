@@ -14,7 +14,8 @@
 #
 # A fresh clone needs nothing else: without ../shared the tests that compare against the release's reference data
 # skip and say so. Each run writes a new folder, $OUT/gpu_check/<time> (default benchmarks/out/gpu_check/<time>),
-# so it can be run again. GPU_CHECK_SECONDS sets the whole budget (default 460 s). Exit status: 0 when every step
+# so it can be run again. GPU_CHECK_SECONDS sets the whole budget (default 460 s; 1200 s for --dry-run, whose CPU
+# steps are slower: its CUDA tests step may take up to 600 s on a busy machine). Exit status: 0 when every step
 # passed or was skipped, 1 when one failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
