@@ -47,8 +47,7 @@ def detect_command(args: argparse.Namespace) -> int:
     options = export_options(args, video, out, threshold, batch_size=args.batch_size, progress=False)
     check_not_inputs([source.path, args.model], out, options)
     geometry, why = chosen_geometry(net.training_size, "the size this ONNX model's weights were trained at",
-                                    args.resize, args.native, args.tile, args.overlap,
-                                    native_default=net.native_default)
+                                    args.resize, args.native, args.tile, args.overlap)
     print(f"model: {net.describe()}", flush=True)
     print(f"geometry: {why}; {source.kind} {source.path}, "
           f"{source.frame_count or 'unknown number of'} {'frame' if video else 'image'}(s); writing to {out}",

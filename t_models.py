@@ -35,7 +35,7 @@ limit_openmp_spinning()   # before torch loads: spinning idle threads slow expor
 with starting("t_models.py", active=__name__ == "__main__"):     # a Ctrl-C while torch loads: one line
     import torch
     from model import load_model
-    from utils.export.maps import Geometry, chosen_geometry, trained_geometry, trained_native, training_size
+    from utils.export.maps import Geometry, chosen_geometry, trained_geometry, training_size
     from utils.export.onnx_runtime import (BACKENDS, DEFAULT_THRESHOLD, OnnxRuntimeNet, onnxruntime_device,
                                            prepare_backend)
     from utils.export.outputs import add_output_arguments, check_not_inputs, export_options, input_name
@@ -101,7 +101,7 @@ def onnx_command(args: argparse.Namespace) -> int:
     if args.native:
         raise ValueError("--onnx takes --resize SIZE (the size it is checked at first), not --native")
     model, info = load_model(args.weights)
-    size, native = args.resize or training_size(info)[0], args.resize is None and trained_native(info)
+    size = args.resize or training_size(info)[0]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"--threshold is a probability in [0, 1), got {threshold}")
@@ -109,11 +109,11 @@ def onnx_command(args: argparse.Namespace) -> int:
     print(f"exporting {args.weights} (K = {info['config']['stage_num']}, size {size}) to {args.onnx}, outputs "
           f"{args.onnx_outputs}; checking against PyTorch at N x H x W = {shapes}", flush=True)
     report = export_onnx(model, args.onnx, size, outputs=args.onnx_outputs, overwrite=args.overwrite,
-                         threshold=threshold, native=native)
+                         threshold=threshold)
     for check in report.checks:
         print(f"  {check.describe()}")
     print(f"wrote {args.onnx}: input image (N, 1, H, W) float32 in [0, 1], H and W multiples of 32; its metadata "
-          f"holds the geometry to run at ({'native size' if native else size}) and the threshold ({threshold:g}): "
+          f"holds the size to run at ({size}) and the threshold ({threshold:g}): "
           f"run it with --onnx-model "
           f"{args.onnx} here, or with onnx_detect.py where PyTorch is not installed")
     return 0
@@ -132,8 +132,7 @@ def saved_onnx_model(args: argparse.Namespace) -> tuple[OnnxRuntimeNet, Geometry
         raise ValueError(f"{args.onnx_model} gives T alone; --visualize shows B, T and D: write the graph with "
                          f"--onnx-outputs BTD, or leave out --visualize")
     geometry, why = chosen_geometry(net.training_size, "the size this ONNX model's weights were trained at",
-                                    args.resize, args.native, args.tile, args.overlap,
-                                    native_default=net.native_default)
+                                    args.resize, args.native, args.tile, args.overlap)
     print(f"weights: {net.describe()}", flush=True)
     return net, geometry, why
 

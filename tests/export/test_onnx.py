@@ -145,9 +145,8 @@ def test_t_models_onnx_writes_a_checked_file(model, tmp_path, capsys):
     assert (T - T_ref).abs().max() <= ONNX_T_ATOL and (D - D_ref).abs().max() <= ONNX_T_ATOL
     assert t_models.main(["--weights", str(weights), "--onnx", str(out)]) == 2      # exists: refused
     assert "--overwrite" in capsys.readouterr().err
-    assert not runtime.native_default and runtime.metadata["default_geometry"] == "resize"
     native = save_checkpoint(tmp_path / "native.pt", model, meta={"base_size": SIZE},
                              train_config={"geometry": "native", "base_size": SIZE})
     assert t_models.main(["--weights", str(native), "--onnx", str(tmp_path / "native.onnx")]) == 0
-    assert "holds the geometry to run at (native size)" in capsys.readouterr().out
-    assert OnnxRuntimeNet.from_file(tmp_path / "native.onnx").native_default      # runs at native size by default
+    assert f"holds the size to run at ({SIZE})" in capsys.readouterr().out     # trained at native scale: resized
+    assert OnnxRuntimeNet.from_file(tmp_path / "native.onnx").training_size == SIZE

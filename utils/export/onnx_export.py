@@ -154,10 +154,10 @@ def check_onnx(path: str | Path, model: nn.Module, shapes: list[tuple[int, int, 
 
 
 def trace_to_onnx(model: nn.Module, path: str | Path, training_size: int, outputs: str = "T",
-                  threshold: float = DEFAULT_THRESHOLD, native: bool = False) -> None:
+                  threshold: float = DEFAULT_THRESHOLD) -> None:
     """Write the deploy form of ``model`` as ONNX (opset ``ONNX_OPSET``, dynamic N, H, W), unchecked; its metadata
-    holds what a runner needs besides the graph: the training size and default geometry (``native``: weights
-    trained at native scale run at each image's own size) and the threshold."""
+    holds what a runner needs besides the graph: the training size (the default geometry resizes to it) and the
+    threshold."""
     require_onnx("ONNX export")
     net = deploy(model, channels_last=False, device="cpu").model     # the deployed DCONet itself, NCHW
     stage_num = len(net.stages)
@@ -173,11 +173,8 @@ def trace_to_onnx(model: nn.Module, path: str | Path, training_size: int, output
     add_metadata(path, {
         "model": "DCONet (deploy form, BatchNorm folded)", "stage_num": str(stage_num),
         "training_size": str(training_size), "size_multiple": str(SIZE_MULTIPLE), "threshold": repr(float(threshold)),
-        "default_geometry": "native" if native else "resize",
         "input": f"image (N, 1, H, W) float32 in [0, 1]; H and W positive multiples of {SIZE_MULTIPLE}; images "
-                 + ("at their own size, reflect-padded at the bottom and right to multiples of it (default_geometry "
-                    "native)" if native else "resized to training_size x training_size as the release does (8-bit "
-                    "INTER_LINEAR, then / 255)"),
+                 "resized to training_size x training_size as the release does (8-bit INTER_LINEAR, then / 255)",
         "outputs": ", ".join(output_names(outputs, stage_num)) + " (N, 1, H, W) float32; T are logits: a pixel is "
                    "a target when sigmoid(T) > threshold"})
 
@@ -193,7 +190,7 @@ def add_metadata(path: str | Path, metadata: dict[str, str]) -> None:
 
 def export_onnx(model: nn.Module, path: str | Path, training_size: int, outputs: str = "T",
                 shapes: list[tuple[int, int, int]] | None = None, overwrite: bool = False,
-                atol: float = ONNX_T_ATOL, threshold: float = DEFAULT_THRESHOLD, native: bool = False) -> OnnxReport:
+                atol: float = ONNX_T_ATOL, threshold: float = DEFAULT_THRESHOLD) -> OnnxReport:
     """Write ``model``'s deploy form to ``path`` as ONNX and keep it only if ONNX Runtime's T is within
     ``atol * max(1, max |T|)`` of the PyTorch deploy form's at every shape of ``shapes`` (default
     ``check_shapes(training_size)``). The kept file's metadata says the checks it passed (``checked``), its
@@ -214,7 +211,7 @@ def export_onnx(model: nn.Module, path: str | Path, training_size: int, outputs:
     handle, tmp = tempfile.mkstemp(suffix=".onnx.part", dir=path.parent)
     os.close(handle)
     try:
-        trace_to_onnx(model, tmp, training_size, outputs, threshold, native)
+        trace_to_onnx(model, tmp, training_size, outputs, threshold)
         report = OnnxReport(path, check_onnx(tmp, model, shapes or check_shapes(training_size)), atol)
         if not report.passed:
             raise OnnxExportError(f"{path}: the exported graph disagrees with PyTorch (tolerance {atol:g} x "

@@ -36,8 +36,7 @@ class OnnxRuntimeNet(ArrayNetwork):
     ``maps(batch, return_stages)`` gives the map stack of ``utils.export.maps.ArrayNetwork``: every stage's B, T,
     D from a graph exported with outputs "stages", the last stage's from "BTD" (with or without
     ``return_stages``), T alone from "T". ``run_T(x)`` gives T for (N, 1, H, W) inputs. The graph's metadata
-    gives ``stage_num`` (K), ``training_size`` and ``native_default`` (the default geometry: resized to the training
-    size, or each image's own size for weights trained at native scale), ``threshold`` and ``checked`` (the checks
+    gives ``stage_num`` (K), ``training_size`` (the default geometry: resized to it), ``threshold`` and ``checked`` (the checks
     against PyTorch it passed when written; empty for files written before they were recorded).
 
     Args:
@@ -56,7 +55,6 @@ class OnnxRuntimeNet(ArrayNetwork):
                                  f"in its metadata, or no output T); write one with: python t_models.py --weights "
                                  f"best.pkl --onnx {self.path.name}")
         self.training_size = int(self.metadata["training_size"])
-        self.native_default = self.metadata.get("default_geometry") == "native"     # trained at native scale
         self.threshold = float(self.metadata.get("threshold", DEFAULT_THRESHOLD))
         self.checked = self.metadata.get("checked", "")
 
