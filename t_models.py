@@ -113,8 +113,7 @@ def onnx_command(args: argparse.Namespace) -> int:
     for check in report.checks:
         print(f"  {check.describe()}")
     print(f"wrote {args.onnx}: input image (N, 1, H, W) float32 in [0, 1], H and W multiples of 32; its metadata "
-          f"holds the size to run at ({size}) and the threshold ({threshold:g}): "
-          f"run it with --onnx-model "
+          f"holds the size to run at ({size}) and the threshold ({threshold:g}): run it with --onnx-model "
           f"{args.onnx} here, or with onnx_detect.py where PyTorch is not installed")
     return 0
 

@@ -29,6 +29,7 @@ from utils.io.images import read_image, read_mask                               
 from utils.score.components import components                                     # noqa: E402
 from utils.score.metrics import Evaluator                                         # noqa: E402
 from utils.score.protocols import PRESETS                                         # noqa: E402
+from utils.train.engine import false_target_rates                                 # noqa: E402
 
 
 def held_out_pairs(data_root: Path, dataset: str, fraction: float, seed: int):
@@ -47,8 +48,7 @@ def target_scores(net, geometry: Geometry, pairs) -> dict[str, float]:
 def clutter_scores(net, geometry: Geometry, paths) -> dict[str, float]:
     counts = [components(prediction.T > 0).n for prediction in
               iter_predictions(net, ((p.stem, read_image(p)) for p in paths), geometry)]
-    return {"FT/frame": sum(counts) / len(counts), "FT-frames": sum(c > 0 for c in counts) / len(counts),
-            "frames": len(counts)}
+    return false_target_rates(counts) | {"frames": len(counts)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negatives", type=Path, required=True)
     parser.add_argument("--negative-val-split", type=float, default=0.2)
     parser.add_argument("--geometry", choices=("default", "native", "resize"), default="default",
-                        help="default: each weights file's own export default; resize: to its training size")
+                        help="default (the same as resize): resized to each weights file's training size, "
+                             "t_models.py's default; native: each frame at its own size, tiled as t_models.py's "
+                             "--native")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -74,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for weights in args.weights:
         model, info = load_model(weights)
-        if args.geometry == "default":
-            geometry, why = trained_geometry(info)
-        else:
-            geometry, why = trained_geometry(info, native=args.geometry == "native")
-            if args.geometry == "resize" and geometry.resize is None:
-                geometry, why = trained_geometry(info, resize=int(info["meta"].get("base_size", 256)))
+        geometry, why = trained_geometry(info, native=args.geometry == "native")
         net = prepare_model(model, "cpu")
         row = {"weights": str(weights), "geometry": geometry.describe(), "why": why,
                "targets": target_scores(net, geometry, pairs),

@@ -90,8 +90,8 @@ def trained_geometry(info: dict, resize: int | None = None, native: bool = False
                      tile: int = 512, overlap: int = 128) -> tuple[Geometry, str]:
     """The geometry to export with, and why, for weights described by ``info`` (from ``model.load_model``):
     resized to their training size (``training_size``), those trained at native scale (``run_0.py --geometry
-    native``) included: on held-out frames they found fewer false targets so, at no lower mIoU, than at each
-    frame's own size (docs/training.md); see ``chosen_geometry``."""
+    native``) included: on held-out frames they raised fewer false targets so than at each frame's own size, at
+    no lower mIoU (docs/training.md); see ``chosen_geometry``."""
     return chosen_geometry(*training_size(info), resize, native, tile, overlap)
 
 

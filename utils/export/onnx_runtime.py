@@ -36,8 +36,8 @@ class OnnxRuntimeNet(ArrayNetwork):
     ``maps(batch, return_stages)`` gives the map stack of ``utils.export.maps.ArrayNetwork``: every stage's B, T,
     D from a graph exported with outputs "stages", the last stage's from "BTD" (with or without
     ``return_stages``), T alone from "T". ``run_T(x)`` gives T for (N, 1, H, W) inputs. The graph's metadata
-    gives ``stage_num`` (K), ``training_size`` (the default geometry: resized to it), ``threshold`` and ``checked`` (the checks
-    against PyTorch it passed when written; empty for files written before they were recorded).
+    gives ``stage_num`` (K), ``training_size`` (the default geometry resizes to it), ``threshold`` and ``checked``
+    (the checks against PyTorch it passed when written; empty for files written before they were recorded).
 
     Args:
         session: an ``onnxruntime.InferenceSession``.

@@ -210,5 +210,10 @@ def false_targets(model: torch.nn.Module, frames, *, device: torch.device, batch
     logits = predict_logits(model, frames, shard, device=device, batch_size=batch_size)
     counts = [n for part in dist_utils.gather_objects(info, {i: components(t > 0).n for i, t in logits.items()})
               for n in part.values()]
+    return false_target_rates(counts)
+
+
+def false_target_rates(counts: list[int]) -> dict[str, float]:
+    """{"FT/frame", "FT-frames"} of the false targets counted on each frame without a target."""
     total = max(len(counts), 1)
     return {"FT/frame": sum(counts) / total, "FT-frames": sum(c > 0 for c in counts) / total}
