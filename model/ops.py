@@ -25,14 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-GPU_PATHS_VARIABLE = "DCONET_GPU_PATHS"      # "1": every device takes the GPU's code paths
-
-
 def gpu_forms(device: torch.device) -> bool:
     """Whether the kernels take their GPU forms on ``device`` (cuDNN's convolutions, whole-image bands): on CUDA,
-    or anywhere while DCONET_GPU_PATHS is 1; else the CPU's matrix-product forms (oneDNN). The training set-up
-    reads the same test as ``utils.io.runtime.gpu_paths``."""
-    return device.type == "cuda" or os.environ.get(GPU_PATHS_VARIABLE) == "1"
+    or anywhere while DCONET_GPU_PATHS is 1; else the CPU's matrix-product forms (oneDNN)."""
+    return device.type == "cuda" or os.environ.get("DCONET_GPU_PATHS") == "1"
 
 
 def is_nhwc(x: torch.Tensor) -> bool:

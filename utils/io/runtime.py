@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from model.ops import GPU_PATHS_VARIABLE, gpu_forms
 from utils.io.cpu_memory import MODES, configure_cpu_malloc, limit_openmp_spinning
 
 
@@ -51,9 +50,12 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-# Whether code running on a device takes the GPU's paths: on CUDA, or anywhere under ``forced_gpu_paths``; the
-# model's kernels' own test (``model.ops.gpu_forms``), so that both read one switch.
-gpu_paths = gpu_forms
+GPU_PATHS_VARIABLE = "DCONET_GPU_PATHS"      # "1": every device takes the GPU's code paths (model.ops reads it too)
+
+
+def gpu_paths(device: torch.device) -> bool:
+    """Whether code running on ``device`` takes the GPU's paths: on CUDA, or anywhere under ``forced_gpu_paths``."""
+    return device.type == "cuda" or os.environ.get(GPU_PATHS_VARIABLE) == "1"
 
 
 @contextmanager
