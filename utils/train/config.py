@@ -80,6 +80,10 @@ class TrainConfig:
                               "step with this decay (0.99: about the last 100 steps), with the BatchNorm statistics "
                               "of the trained weights; validation, best.pkl and so the export use it (0: off, as "
                               "the release)")
+    init: str = setting("", "start from the weights in this file instead of a random initialisation: a checkpoint "
+                            "of this project (e.g. Weight/NUAA-SIRST/best.pkl) or an authors' best.pkl, its K and "
+                            "width taken as the model's; the optimizer, the lr schedule and --ema start afresh "
+                            "(fine-tuning)")
     seed: int = setting(1, "seed of initialisation, shuffling, augmentation and the val split")
     val_split: float = setting(0.0, "> 0: hold this fraction of trainval out for validation and best.pkl "
                                      "(0: validate on the test split, as the release)")

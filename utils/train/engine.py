@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from model import DCONet
+from model import DCONet, DCONetConfig, load_model
 from utils.io import runtime
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
@@ -58,6 +58,28 @@ def training_parts(config: TrainConfig, device: torch.device) -> tuple[DCONet, t
     fp16 = (config.amp and not config.runtime.bf16 and gpu
             and runtime.amp_dtype(device, config.amp_dtype) == torch.float16)
     return model, optimizer, torch.amp.GradScaler(device.type, enabled=fp16)
+
+
+def initial_weights(path: str) -> dict:
+    """What ``--init`` starts from: ``{"config": the model's settings, "model": its state_dict, "kind": "project"
+    or "release"}``, read from one of this project's checkpoints or an authors' best.pkl (``load_model``)."""
+    model, info = load_model(path)
+    return {"config": info["config"], "model": model.state_dict(), "kind": info["kind"]}
+
+
+def with_initial_model(config: TrainConfig, stored: dict, given: frozenset[str]) -> TrainConfig:
+    """``config`` with the model settings (K, width) of the ``--init`` weights; a K or width given on the command
+    line that differs from them is an error."""
+    stored = DCONetConfig.from_dict(stored)
+    if stored == config.model:
+        return config
+    asked = {name: getattr(config.model, name) for name in ("stage_num", "channels") if name in given}
+    if any(getattr(stored, name) != value for name, value in asked.items()):
+        raise ValueError(f"--init {config.init} holds a DCONet with K = {stored.stage_num} and width "
+                         f"{stored.channels}, but the command line asks for "
+                         f"{', '.join(f'{k} = {v}' for k, v in asked.items())}: drop --stage-num/--channels to "
+                         f"train the file's model, or leave out --init to start from random weights")
+    return replace(config, model=stored)
 
 
 PARTS = ("loss", "soft_iou", "mse")     # the loss parts, in the order the engine stacks them

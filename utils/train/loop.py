@@ -22,8 +22,8 @@ from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.train.ema import WeightAverage
-from utils.train.engine import (autocast_context, evaluate, false_targets, prediction_pictures, train_one_epoch,
-                                training_parts)
+from utils.train.engine import (autocast_context, evaluate, false_targets, initial_weights, prediction_pictures,
+                                train_one_epoch, training_parts, with_initial_model)
 from utils.train.layout import set_memory_format
 from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
@@ -61,6 +61,10 @@ class Trainer:
             # read by rank 0, whose node holds the run folder, and sent to every rank: other nodes need no copy
             payload = dist_utils.read_on_main(self.info, lambda: load_checkpoint(self.run_dir / "latest.pkl"))
             config = resumed_config(config, TrainConfig.from_dict(payload["train_state"]["config"]), given)
+        init = None
+        if config.init and payload is None:         # a resumed run has its own weights
+            init = dist_utils.read_on_main(self.info, lambda: initial_weights(config.init))
+            config = with_initial_model(config, init["config"], given)
         self.config = config
         seed_everything(config.seed)
         if config.dataset == "demo" and self.info.is_node_main:     # every node writes its own (the same) set
@@ -75,6 +79,10 @@ class Trainer:
         side = config.crop_size or config.base_size       # the training batch's shape, for --memory-format auto
         self.notes += set_memory_format(self.model, config.memory_format, (config.batch_size, 1, side, side), self.info)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
+        if init is not None:
+            self.model.load_state_dict(init["model"])
+            self.notes.append(f"--init: starting from the weights of {config.init} ({init['kind']} checkpoint, "
+                              f"K = {config.model.stage_num}, width {config.model.channels})")
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
         # the moving average of the weights, of the plain module (before SyncBN or DDP); its BatchNorm statistics
         # are the trained module's (``WeightAverage`` says why)
