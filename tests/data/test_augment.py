@@ -50,10 +50,40 @@ def test_native_windows_hold_a_target_at_the_drawn_scale_and_reflect_small_frame
     assert np.mean(np.array(scales) < 1.0) == pytest.approx(0.5, abs=0.08)   # log-uniform: as many below 1 as above
 
 
-def test_scale_is_refused_outside_native_windows(tmp_path):
+def test_scale_in_native_mode_needs_windows(tmp_path):
     _write_set(tmp_path)
-    with pytest.raises(ValueError, match="native mode with a crop size"):
-        SirstDataset.from_folder(tmp_path, "set", "trainval", base_size=32, scale=(0.5, 2.0))
+    with pytest.raises(ValueError, match="in native mode needs a crop size"):
+        SirstDataset.from_folder(tmp_path, "set", "trainval", base_size=32, scale=(0.5, 2.0), mode="native")
+
+
+def test_resized_frames_are_zoomed_into_windows_of_the_training_size(tmp_path):
+    _write_set(tmp_path)
+    plain = SirstDataset.from_folder(tmp_path, "set", "trainval", base_size=32)
+    half = SirstDataset.from_folder(tmp_path, "set", "trainval", base_size=32, scale=(0.5, 0.5))
+    for i in range(len(plain)):
+        frame, labels = plain[i]["image"][0].numpy(), plain[i]["mask"][0].numpy()
+        image, mask = half[i]["image"][0].numpy(), half[i]["mask"][0].numpy()
+        assert image.shape == mask.shape == (32, 32)
+        # the frame at half its size in the corner, reflected into the rest of the window; its target kept
+        small = cv2.resize(frame, (16, 16), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(image, np.pad(small, ((0, 16), (0, 16)), mode="reflect"))
+        assert components(mask[:16, :16] > 0).n == components(labels > 0).n == 1
+        assert components(mask > 0).n >= 2                           # the target's reflections are labelled
+    zoomed = SirstDataset.from_folder(tmp_path, "set", "trainval", base_size=32, scale=(2.0, 2.0))
+    for i in range(len(zoomed)):
+        assert zoomed[i]["image"].shape == (1, 32, 32) and zoomed[i]["mask"].sum() >= 4   # a window on the target
+
+
+def test_resized_negatives_are_zoomed_as_the_target_frames(tmp_path):
+    files = find_negatives(_write_negatives(tmp_path / "neg"))
+    plain = NegativeFrames(files, mode="paper", base_size=32)
+    half = NegativeFrames(files, mode="paper", base_size=32, scale=(0.5, 0.5))
+    frame, image = plain[0]["image"][0].numpy(), half[0]["image"][0].numpy()
+    assert image.shape == (32, 32) and not half[0]["mask"].any()
+    assert np.array_equal(image[:16, :16], cv2.resize(frame, (16, 16), interpolation=cv2.INTER_AREA))
+    assert "at scales 0.5-0.5 in windows of 32" in half.describe()
+    whole = NegativeFrames(files, mode="paper", base_size=32, scale=(0.5, 0.5), whole=True)
+    assert np.array_equal(whole[0]["image"][0].numpy(), frame)      # held-out frames stay whole
 
 
 def _write_set(root: Path) -> None:

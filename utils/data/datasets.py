@@ -67,7 +67,10 @@ class SirstDataset(Dataset):
             the resize; smaller images are zero-padded at the bottom/right first (mask pad = 0). Native mode: a
             window at a random ``scale`` that holds a target where the frame has one
             (``utils.data.augment.native_view``; labels become hard, small targets kept).
-        scale: (low, high) resize factors of native-mode windows, drawn log-uniformly per sample.
+        scale: (low, high) resize factors, drawn log-uniformly per sample, of native-mode windows; in paper mode
+            of the resized frame, which is then shown in a window of the training size (crop_size, else
+            base_size) that holds a target, reflect-padded where the zoomed frame is smaller (its targets then
+            appear mirrored too, labelled as such): the scales of larger frames squashed to base_size.
         seed: seed of the augmentation and crop draws.
         allow_mask_resize: image/mask size mismatch policy; None: tolerated with a warning in paper mode,
             rejected in native mode; True: resize the mask (nearest) and report it; False: reject.
@@ -96,8 +99,8 @@ class SirstDataset(Dataset):
         self.mode, self.base_size, self.augment, self.crop_size, self.seed = mode, base_size, augment, crop_size, seed
         if not 0 < scale[0] <= scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
-        if scale != (1.0, 1.0) and not (mode == "native" and crop_size):
-            raise ValueError("a random scale needs native mode with a crop size (the native geometry's windows)")
+        if scale != (1.0, 1.0) and mode == "native" and not crop_size:
+            raise ValueError("a random scale in native mode needs a crop size (the native geometry's windows)")
         self.scale = tuple(scale)
         if allow_mask_resize is None:
             allow_mask_resize = mode == "paper"
@@ -166,8 +169,9 @@ class SirstDataset(Dataset):
 
     def _augment(self, image: np.ndarray, mask: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        if self.crop_size and self.mode == "native":
-            image, mask = native_view(image, mask, rng, size=self.crop_size, scale=self.scale)
+        if (self.crop_size and self.mode == "native") or self.scale != (1.0, 1.0):
+            # paper mode: the resized frame zoomed by the drawn factor, shown in a window of the training size
+            image, mask = native_view(image, mask, rng, size=self.crop_size or self.base_size, scale=self.scale)
         elif self.crop_size:
             c = self.crop_size
             pad_y, pad_x = max(c - image.shape[0], 0), max(c - image.shape[1], 0)

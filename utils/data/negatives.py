@@ -100,7 +100,8 @@ def _read(path: Path) -> np.ndarray:
 
 class NegativeFrames(Dataset):
     """Target-free frames as training samples (``SirstDataset``'s item layout, labels all zero): resized to
-    ``base_size`` (``mode="paper"``) or in native-scale windows of ``crop_size`` at a random ``scale``, with the
+    ``base_size`` (``mode="paper"``; zoomed by a random ``scale`` into windows of ``crop_size`` when it is not 1,
+    as ``SirstDataset`` zooms target frames) or in native-scale windows of ``crop_size`` at a random ``scale``, with the
     flips of ``augment``; with ``whole``, native mode gives each whole frame as it is (validation). Frames are
     decoded once and kept in their file's type (8 bits: a byte a pixel)."""
 
@@ -119,7 +120,9 @@ class NegativeFrames(Dataset):
         self.epoch = int(epoch)
 
     def describe(self) -> str:
-        geometry = (f"resized to {self.base_size}x{self.base_size}" if self.mode == "paper" else "native size"
+        zoom = ("" if self.whole or self.scale == (1.0, 1.0)
+                else f", at scales {self.scale[0]:g}-{self.scale[1]:g} in windows of {self.crop_size}")
+        geometry = (f"resized to {self.base_size}x{self.base_size}{zoom}" if self.mode == "paper" else "native size"
                     + ("" if self.whole else f", random crop {self.crop_size} at scales "
                                             f"{self.scale[0]:g}-{self.scale[1]:g}"))
         groups = ", ".join(self.files.groups())
@@ -131,6 +134,8 @@ class NegativeFrames(Dataset):
         if self.mode == "paper":
             image = release_image(frame, (self.base_size, self.base_size))
             labels = np.zeros_like(image)
+            if self.scale != (1.0, 1.0) and not self.whole:      # zoomed as the target frames are
+                image, labels = native_view(image, labels, rng, size=self.crop_size, scale=self.scale)
         elif self.whole:
             image = to_unit(frame)
             labels = np.zeros_like(image)

@@ -55,9 +55,11 @@ class TrainConfig:
                                       "at its own scale: training on random base_size windows that hold a target, "
                                       "rescaled by --scale-min..--scale-max; validation on whole frames padded to "
                                       "multiples of 32, as t_models.py --native exports)", GEOMETRIES)
-    scale_min: float = setting(1.0, "with --geometry native: the smallest random resize factor of a training window "
-                                    "(factors are drawn log-uniformly per sample)")
-    scale_max: float = setting(1.0, "with --geometry native: the largest random resize factor of a training window")
+    scale_min: float = setting(1.0, "the smallest random resize factor of a training sample (drawn log-uniformly "
+                                    "per sample): with --geometry native of its window; with resize of the resized "
+                                    "frame, then shown in a base_size window (reflect-padded when smaller, holding a "
+                                    "target when larger): the scales of larger frames squashed to base_size")
+    scale_max: float = setting(1.0, "the largest random resize factor of a training sample (see --scale-min)")
     negatives: str = setting("", "frames with no target mixed into training: a folder of images, or a data set "
                                  "folder whose trainval masks are all empty (e.g. SIRST-V2's background frames); "
                                  "part of them held out by whole groups (--negative-val-split) to count false "
@@ -131,8 +133,6 @@ class TrainConfig:
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"--scale-min and --scale-max must satisfy 0 < min <= max, got {self.scale_min}, "
                              f"{self.scale_max}")
-        if (self.scale_min, self.scale_max) != (1.0, 1.0) and self.geometry != "native":
-            raise ValueError("--scale-min/--scale-max rescale native-geometry windows: add --geometry native")
         if not 0 < self.negative_rate < 1 or not 0 <= self.negative_val_split < 1:
             raise ValueError(f"--negative-rate must lie in (0, 1) and --negative-val-split in [0, 1), got "
                              f"{self.negative_rate} and {self.negative_val_split}")
