@@ -208,6 +208,16 @@ def model_from_payload(payload: dict, source: str) -> DCONet:
     return model
 
 
+def _moving_average(payload: dict) -> dict | None:
+    """The weights that a run's validation scored, where they are not the file's "model": a latest.pkl of a run
+    with ``--ema`` holds the trained weights there (to resume) and the moving average, which validation and
+    best.pkl use, in its training state (``module.<name>``, BatchNorm statistics included). None otherwise."""
+    average = (payload.get("train_state") or {}).get("ema")
+    if not average:
+        return None
+    return {key[len("module."):]: value for key, value in average.items() if key.startswith("module.")}
+
+
 def _describe(payload) -> str:
     """A few words on what a loaded payload that is not DCONet's holds."""
     if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -222,16 +232,22 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     """Load a DCONet from either this project's checkpoint or a release best.pkl (detected, K inferred).
 
     Returns (model, info) with info = {"kind": "project" | "release", "config": ..., "meta": ...}; a project
-    checkpoint written by training adds "train_config" (the run's settings).
+    checkpoint written by training adds "train_config" (the run's settings) and "weights": "moving average" for
+    a latest.pkl of a run with ``--ema`` (loaded as that average, the weights its validation scored and best.pkl
+    holds; resuming reads the trained weights with ``load_checkpoint``), else "as saved".
     The model is on the CPU (or ``map_location``) in eval mode.
     """
     payload = read_weights_file(path, map_location)
     source = str(path)
     if _is_project_payload(payload):
         payload = _in_current_format(payload, path)
+        average = _moving_average(payload)
+        if average is not None:
+            payload = {**payload, "model": average}
         model = model_from_payload(payload, source)
         info = {"kind": "project", "meta": payload.get("meta", {}),
-                "train_config": payload.get("train_config") or payload.get("train_state", {}).get("config")}
+                "train_config": payload.get("train_config") or payload.get("train_state", {}).get("config"),
+                "weights": "moving average" if average is not None else "as saved"}
     else:
         state = payload
         if isinstance(payload, dict) and isinstance(payload.get("state_dict"), Mapping):

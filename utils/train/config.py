@@ -22,6 +22,7 @@ from utils.io.runtime import RETIRED, RuntimeOptions, flag_name, setting
 AUGMENT_MODES = ("auto", "on", "off")
 MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 GEOMETRIES = ("resize", "native")
+KEEP_CHOICES = ("best", "last")
 KERNELS = ("fast", "plain")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 # A laptop-sized recipe for the built-in synthetic set, applied to every setting the command line leaves out.
@@ -82,6 +83,9 @@ class TrainConfig:
                               "step with this decay (0.99: about the last 100 steps), with the BatchNorm statistics "
                               "of the trained weights; validation, best.pkl and so the export use it (0: off, as "
                               "the release)")
+    keep: str = setting("best", "which weights best.pkl holds: best (those of the validation with the highest "
+                                "mIoU, as the release) or last (those of the last validation: the end of the run)",
+                        KEEP_CHOICES)
     init: str = setting("", "start from the weights in this file instead of a random initialisation: a checkpoint "
                             "of this project (e.g. Weight/NUAA-SIRST/best.pkl) or an authors' best.pkl, its K and "
                             "width taken as the model's; the optimizer, the lr schedule and --ema start afresh "
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        if self.keep not in KEEP_CHOICES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
         if not 0 < self.scale_min <= self.scale_max:

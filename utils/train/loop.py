@@ -181,6 +181,7 @@ class Trainer:
         improved = scores["mIoU"] > p["best_miou"]
         if improved:
             p.update(best_miou=scores["mIoU"], best_epoch=epoch, best_step=p["global_step"])
+        if improved or self.config.keep == "last":
             self._save("best.pkl", scores)
         if self.info.is_main:
             self.log.scalars("val", scores, p["global_step"])
@@ -303,8 +304,9 @@ class Trainer:
         finally:
             bar.close()
             self.log.close()
-        self.log(f"done: best mIoU {p['best_miou']:.4f} at epoch {p['best_epoch']} (iteration {p['best_step']}); "
-                 f"weights in {self.run_dir}")
+        kept = "; best.pkl holds the last validation's weights (--keep last)" if config.keep == "last" else ""
+        self.log(f"done: best mIoU {p['best_miou']:.4f} at epoch {p['best_epoch']} (iteration {p['best_step']})"
+                 f"{kept}; weights in {self.run_dir}")
         return {"best_mIoU": p["best_miou"], "best_epoch": p["best_epoch"], "best_step": p["best_step"],
                 "epochs": p["epoch"], "run_dir": str(self.run_dir)}
 
