@@ -207,3 +207,18 @@ def test_overwrite_takes_away_the_old_runs_curves(tmp_path):
     config = parse_command_line(["--out", str(tmp_path), "--overwrite"])[0]
     prepare_run_dir(config)
     assert not (tmp_path / "curves.png").exists(), "a new run must not show the replaced run's curves"
+
+
+def test_false_targets_on_background_frames_get_a_panel_of_their_own(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = PROJECT_LOG.replace("AUC 0.6000 -", "AUC 0.6000, FT/frame 0.5000, FT-frames 0.2500 -")
+    (run / "log.txt").write_text(lines)                       # counted at the first validation only
+    curves = read_curves(run)
+    figure = curves_figure([curves])
+    panel = next(ax for ax in figure.axes if ax.get_title() == "held-out false targets per background frame")
+    assert [list(line.get_xdata()) for line in panel.get_lines()] == [[20]]
+    assert [list(line.get_ydata()) for line in panel.get_lines()] == [[0.5]]
+    (run / "log.txt").write_text(PROJECT_LOG)
+    plain = curves_figure([read_curves(run)])
+    assert not any(ax.get_title().startswith("held-out false targets") for ax in plain.axes)

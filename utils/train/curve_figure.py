@@ -20,6 +20,8 @@ _TRAIN_PANELS = (("loss", "training loss (total)", 1, "linear"), ("soft_iou", "S
 _VAL_PANELS = (("mIoU", "validation mIoU", 1, "linear"), ("nIoU", "validation nIoU", 1, "linear"),
                ("F1", "validation F1", 1, "linear"), ("Pd", "validation Pd", 1, "linear"),
                ("Fa", "validation Fa (x 1e-6)", 1e6, "symlog"))
+# With --negatives: false targets per held-out background frame, counted at some validations only.
+_FT_PANEL = ("FT/frame", "held-out false targets per background frame", 1, "linear")
 
 
 def _smooth(values: list[float]) -> list[float]:
@@ -47,7 +49,8 @@ def curves_figure(runs: Sequence[RunCurves], title: str | None = None, max_itera
     FigureCanvasAgg(figure)
     if max_iteration is not None:
         runs = [_cropped(run, max_iteration) for run in runs]
-    axes = figure.subplots(2, 5, sharex=True)
+    counted = any(not math.isnan(v) for run in runs for v in run.val.get(_FT_PANEL[0], []))
+    axes = figure.subplots(2, 6 if counted else 5, sharex=True)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for ax, (key, name, scale, y_scale) in zip(axes[0], _TRAIN_PANELS):
         drawn = False
@@ -77,8 +80,17 @@ def curves_figure(runs: Sequence[RunCurves], title: str | None = None, max_itera
                         markeredgecolor="black", markeredgewidth=0.5, linestyle="none")
         _finish(ax, name, drawn, y_scale)
         ax.set_xlabel("iteration")
+    if counted:
+        key, name, _, y_scale = _FT_PANEL
+        ax = axes[0, 4]
+        for run, colour in zip(runs, colours):
+            points = [(i, v) for i, v in zip(run.val_iter, run.val.get(key, [])) if not math.isnan(v)]
+            if points:
+                ax.plot(*zip(*points), color=colour, linewidth=1.2, marker="o", markersize=3)
+        _finish(ax, name, True, y_scale)
+        axes[1, 5].axis("off")
 
-    legend = axes[0, 4]
+    legend = axes[0, -1]
     legend.axis("off")
     handles = []
     for run, colour in zip(runs, colours):
@@ -100,7 +112,7 @@ def curves_figure(runs: Sequence[RunCurves], title: str | None = None, max_itera
 def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = None,
                 max_iteration: int | None = None) -> Path:
     """Draw ``runs`` overlaid (loss parts and lr, then validation mIoU, nIoU, F1, Pd, Fa, against the global
-    iteration; with ``max_iteration``, the points up to that iteration only) and write a PNG to ``out``
+    iteration, and false targets per held-out background frame where a run counted them; with ``max_iteration``, the points up to that iteration only) and write a PNG to ``out``
     atomically (a temporary file beside it, then os.replace)."""
     figure = curves_figure(runs, title, max_iteration)
     out = Path(out)
