@@ -82,6 +82,13 @@ def with_initial_model(config: TrainConfig, stored: dict, given: frozenset[str])
     return replace(config, model=stored)
 
 
+def load_initial_weights(model: DCONet, init: dict, config: TrainConfig) -> str:
+    """Load ``initial_weights``' state into ``model``; returns the note for the log."""
+    model.load_state_dict(init["model"])
+    return (f"--init: starting from the weights of {config.init} ({init['kind']} checkpoint, K = "
+            f"{config.model.stage_num}, width {config.model.channels})")
+
+
 PARTS = ("loss", "soft_iou", "mse")     # the loss parts, in the order the engine stacks them
 
 

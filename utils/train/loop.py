@@ -4,10 +4,11 @@
     summary = trainer.fit()            # {"best_mIoU", "best_epoch", "best_step", "epochs", "run_dir"}
 
 One epoch and validation are ``utils.train.engine``'s free functions; the run folder, checkpoints and logs are
-``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the release's
-run does, and best.pkl keeps the best of all of them; each validation redraws the run's curves.png from its
-log.txt (``utils.train.curves``). With ``--ema`` the validations, best.pkl and the export use a moving average of the
-weights (``utils.train.ema``; BatchNorm statistics the trained module's), which latest.pkl keeps for resuming.
+``utils.train.run_dir``'s. Validation runs after every ``save_iter_step`` iterations and after every epoch, as the
+release's run does; best.pkl keeps the best of them (the last with ``--keep last``); each redraws the run's
+curves.png from its log.txt (``utils.train.curves``). With ``--ema`` the validations, best.pkl and the export use
+a moving average of the weights (``utils.train.ema``; BatchNorm statistics the trained module's), which latest.pkl
+keeps for resuming.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.train.ema import WeightAverage
-from utils.train.engine import (autocast_context, evaluate, false_targets, initial_weights, prediction_pictures,
-                                train_one_epoch, training_parts, with_initial_model)
+from utils.train.engine import (autocast_context, evaluate, false_targets, initial_weights, load_initial_weights,
+                                prediction_pictures, train_one_epoch, training_parts, with_initial_model)
 from utils.train.layout import set_memory_format
 from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
@@ -80,9 +81,7 @@ class Trainer:
         self.notes += set_memory_format(self.model, config.memory_format, (config.batch_size, 1, side, side), self.info)
         self.scheduler = poly_scheduler(self.optimizer, self.total_iterations, config.poly_power)
         if init is not None:
-            self.model.load_state_dict(init["model"])
-            self.notes.append(f"--init: starting from the weights of {config.init} ({init['kind']} checkpoint, "
-                              f"K = {config.model.stage_num}, width {config.model.channels})")
+            self.notes.append(load_initial_weights(self.model, init, config))
         self.progress = {"epoch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "best_step": -1}
         # the moving average of the weights, of the plain module (before SyncBN or DDP); its BatchNorm statistics
         # are the trained module's (``WeightAverage`` says why)
@@ -264,10 +263,8 @@ class Trainer:
             print(f"  device {self.device} ({self.malloc}), {self.info.world_size} process(es), "
                   f"{self.iters_per_epoch} iterations per epoch, {self.total_iterations} in all; writing to "
                   f"{self.run_dir}", flush=True)
-        if config.resume:
-            self.log(f"resumed after epoch {p['epoch']} (iteration {p['global_step']})")
-        else:
-            self.log("start: " + json.dumps(config.to_dict()))
+        self.log(f"resumed after epoch {p['epoch']} (iteration {p['global_step']})" if config.resume
+                 else "start: " + json.dumps(config.to_dict()))
         for note in self.notes:
             self.log(f"note: {note}")
         bar = tqdm(total=self.total_iterations, initial=p["global_step"], unit="it", dynamic_ncols=True,
@@ -304,7 +301,7 @@ class Trainer:
         finally:
             bar.close()
             self.log.close()
-        kept = "; best.pkl holds the last validation's weights (--keep last)" if config.keep == "last" else ""
+        kept = "; best.pkl holds the last validation's weights (--keep last)" * (config.keep == "last")
         self.log(f"done: best mIoU {p['best_miou']:.4f} at epoch {p['best_epoch']} (iteration {p['best_step']})"
                  f"{kept}; weights in {self.run_dir}")
         return {"best_mIoU": p["best_miou"], "best_epoch": p["best_epoch"], "best_step": p["best_step"],
