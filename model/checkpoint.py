@@ -231,10 +231,10 @@ def _describe(payload) -> str:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DCONet, dict]:
     """Load a DCONet from either this project's checkpoint or a release best.pkl (detected, K inferred).
 
-    Returns (model, info) with info = {"kind": "project" | "release", "config": ..., "meta": ...}; a project
-    checkpoint written by training adds "train_config" (the run's settings) and "weights": "moving average" for
-    a latest.pkl of a run with ``--ema`` (loaded as that average, the weights its validation scored and best.pkl
-    holds; resuming reads the trained weights with ``load_checkpoint``), else "as saved".
+    Returns (model, info) with info = {"kind": "project" | "release", "config": ..., "meta": ..., "weights": ...};
+    a project checkpoint written by training adds "train_config" (the run's settings). "weights" is "moving
+    average" for a latest.pkl of a run with ``--ema`` (loaded as that average, the weights its validation scored
+    and best.pkl holds; resuming reads the trained weights with ``load_checkpoint``), else "as saved".
     The model is on the CPU (or ``map_location``) in eval mode.
     """
     payload = read_weights_file(path, map_location)
@@ -255,6 +255,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         if not (isinstance(state, Mapping) and any(re.match(r"(module\.)?decos\.\d+\.", str(k)) for k in state)):
             raise CheckpointError(f"{path}: {_describe(state)}, not DCONet's; {EXPECTED}")
         model = from_release_state_dict(state, source)
-        info = {"kind": "release", "meta": {}}
+        info = {"kind": "release", "meta": {}, "weights": "as saved"}
     info["config"] = model.config.to_dict()
     return model.eval(), info

@@ -16,14 +16,13 @@ SMALL = ["--epochs", "2", "--batch-size", "4", "--base-size", "32", "--stage-num
 
 def _falling_scores(monkeypatch):
     """Validation scores whose mIoU falls with every call, so that the best validation is the first."""
-    calls = []
+    real, calls = loop.evaluate, []
 
     def evaluate(*args, **kwargs):
         scores = real(*args, **kwargs)
         calls.append(1)
         return {**scores, "mIoU": 1.0 / len(calls)}
 
-    real = loop.evaluate
     monkeypatch.setattr(loop, "evaluate", evaluate)
 
 

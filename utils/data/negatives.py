@@ -101,8 +101,8 @@ def _read(path: Path) -> np.ndarray:
 class NegativeFrames(Dataset):
     """Target-free frames as training samples (``SirstDataset``'s item layout, labels all zero): resized to
     ``base_size`` (``mode="paper"``; zoomed by a random ``scale`` into windows of ``crop_size`` when it is not 1,
-    as ``SirstDataset`` zooms target frames) or in native-scale windows of ``crop_size`` at a random ``scale``, with the
-    flips of ``augment``; with ``whole``, native mode gives each whole frame as it is (validation). Frames are
+    as ``SirstDataset`` zooms target frames) or in native-scale windows of ``crop_size`` at a random ``scale``,
+    with the flips of ``augment``; with ``whole``, native mode gives each whole frame as it is (validation). Frames are
     decoded once and kept in their file's type (8 bits: a byte a pixel)."""
 
     def __init__(self, files: NegativeFiles, *, mode: str = "paper", base_size: int = 256,
@@ -120,11 +120,13 @@ class NegativeFrames(Dataset):
         self.epoch = int(epoch)
 
     def describe(self) -> str:
-        zoom = ("" if self.whole or self.scale == (1.0, 1.0)
-                else f", at scales {self.scale[0]:g}-{self.scale[1]:g} in windows of {self.crop_size}")
-        geometry = (f"resized to {self.base_size}x{self.base_size}{zoom}" if self.mode == "paper" else "native size"
-                    + ("" if self.whole else f", random crop {self.crop_size} at scales "
-                                            f"{self.scale[0]:g}-{self.scale[1]:g}"))
+        scales = f"at scales {self.scale[0]:g}-{self.scale[1]:g}"
+        if self.mode == "paper":
+            zoomed = not self.whole and self.scale != (1.0, 1.0)
+            geometry = f"resized to {self.base_size}x{self.base_size}" + \
+                (f", {scales} in windows of {self.crop_size}" if zoomed else "")
+        else:
+            geometry = "native size" + ("" if self.whole else f", random crop {self.crop_size} {scales}")
         groups = ", ".join(self.files.groups())
         return f"negatives {self.files.source}: {len(self)} frames ({groups}), {geometry}"
 

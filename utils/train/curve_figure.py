@@ -112,8 +112,9 @@ def curves_figure(runs: Sequence[RunCurves], title: str | None = None, max_itera
 def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = None,
                 max_iteration: int | None = None) -> Path:
     """Draw ``runs`` overlaid (loss parts and lr, then validation mIoU, nIoU, F1, Pd, Fa, against the global
-    iteration, and false targets per held-out background frame where a run counted them; with ``max_iteration``, the points up to that iteration only) and write a PNG to ``out``
-    atomically (a temporary file beside it, then os.replace)."""
+    iteration, and false targets per held-out background frame where a run counted them; with ``max_iteration``,
+    the points up to that iteration only) and write a PNG to ``out`` atomically (a temporary file beside it, then
+    os.replace)."""
     figure = curves_figure(runs, title, max_iteration)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
