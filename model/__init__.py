@@ -9,6 +9,7 @@ import sys
 import types
 
 _WHERE = {
+    "average": ("average_models",),
     "capabilities": ("HasKernels", "HasLayout", "Reparameterizable"),
     "checkpoint": ("load_checkpoint", "load_model", "save_checkpoint"),
     "config": ("DCONetConfig", "StageOutput", "SIZE_MULTIPLE", "SHIPPED_MODEL"),

@@ -8,7 +8,7 @@ import pytest
 from utils import ALLOWED_IMPORTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"run_0", "t_models", "cal_from_mask", "plot_curves", "onnx_detect"}
+SCRIPTS = {"run_0", "t_models", "cal_from_mask", "plot_curves", "onnx_detect", "average_weights"}
 MAX_LINES = 320           # "about 300"
 
 
