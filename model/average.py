@@ -32,7 +32,8 @@ def average_models(paths: list[str | Path], weights: list[float]) -> tuple[DCONe
     Floating-point tensors (weights, BatchNorm means and variances) are averaged in float64 and stored in their
     type; integer ones (BatchNorm's batch counters) are the first input's. All inputs must have the same K and
     width. Returns (model in eval mode on the CPU, info) with info = {"config", "meta", "train_config"}: meta lists
-    each input with its weight and gives the training size, train_config is the first input's that has one.
+    each input with its weight and gives the first input's training size and data set; train_config is the first
+    input's that has one.
     """
     if len(paths) < 2:
         raise ValueError(f"{len(paths)} model given; averaging needs two or more")
@@ -61,5 +62,7 @@ def average_models(paths: list[str | Path], weights: list[float]) -> tuple[DCONe
                            for (path, _, info), w in zip(loaded, weights)]}
     if sizes[0] is not None:
         meta["base_size"] = sizes[0]
+    if first_info.get("meta", {}).get("dataset"):
+        meta["dataset"] = first_info["meta"]["dataset"]
     train_config = next((info["train_config"] for _, _, info in loaded if info.get("train_config")), None)
     return model.eval(), {"config": first.config.to_dict(), "meta": meta, "train_config": train_config}

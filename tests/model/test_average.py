@@ -17,7 +17,8 @@ def _saved(tmp_path, name: str, seed: int, stage_num: int = 2, **extra):
                 tensor.add_(torch.rand_like(tensor))     # BatchNorm statistics too
             else:
                 tensor.fill_(seed)                       # batch counters tell the inputs apart
-    return save_checkpoint(tmp_path / name, model, meta={"base_size": 128 * seed}, **extra), model.state_dict()
+    meta = {"base_size": 128 * seed, "dataset": f"set{seed}"}
+    return save_checkpoint(tmp_path / name, model, meta=meta, **extra), model.state_dict()
 
 
 def test_the_average_is_the_weighted_sum_of_every_float_tensor(tmp_path):
@@ -32,7 +33,7 @@ def test_the_average_is_the_weighted_sum_of_every_float_tensor(tmp_path):
             assert torch.equal(tensor, state_a[key]), key                 # the first input's counters
     assert info["meta"]["average_of"] == [{"file": str(a), "weight": 0.25, "weights": "as saved"},
                                           {"file": str(b), "weight": 0.75, "weights": "as saved"}]
-    assert info["meta"]["base_size"] == 128                               # the first input's training size
+    assert info["meta"]["base_size"] == 128 and info["meta"]["dataset"] == "set1"     # the first input's
 
 
 def test_weights_one_and_zero_give_the_first_model_exactly(tmp_path):
