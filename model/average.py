@@ -1,4 +1,4 @@
-"""Weight averages of DCONet models: parameter by parameter, BatchNorm statistics alike, each input given a weight.
+"""Weight averages of DCONet models: parameter by parameter, BatchNorm statistics alike, each input given a share.
 
 Two models averaged this way are a model when they share their start: a fine-tuning run and the weights it started
 from (a weight-space ensemble). Each input loads as ``load_model`` loads it (a latest.pkl of a run with ``--ema`` as
@@ -14,30 +14,30 @@ from .dconet import DCONet
 from .release import CheckpointError
 
 
-def check_weights(weights: list[float], count: int) -> list[float]:
-    """The averaging weights, refused unless there is one per input, each at least 0, adding up to 1."""
-    if len(weights) != count:
-        raise ValueError(f"{len(weights)} weight(s) for {count} model(s); give one weight per model, in the same "
+def check_shares(shares: list[float], count: int) -> list[float]:
+    """The inputs' shares of the average, refused unless there is one per input, each at least 0, adding up to 1."""
+    if len(shares) != count:
+        raise ValueError(f"{len(shares)} share(s) for {count} model(s); give one share per model, in the same "
                          f"order")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"weights {weights}: each must be a number of at least 0")
-    if abs(sum(weights) - 1) > 1e-6:
-        raise ValueError(f"weights {weights} add up to {sum(weights):g}; they must add up to 1 (0.75 0.25, say)")
-    return [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in shares):
+        raise ValueError(f"shares {shares}: each must be a number of at least 0")
+    if abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(f"shares {shares} add up to {sum(shares):g}; they must add up to 1 (0.75 0.25, say)")
+    return [float(w) for w in shares]
 
 
-def average_models(paths: list[str | Path], weights: list[float]) -> tuple[DCONet, dict]:
+def average_models(paths: list[str | Path], shares: list[float]) -> tuple[DCONet, dict]:
     """The average sum(w_i * model_i) of the models in ``paths`` and what it came from.
 
     Floating-point tensors (weights, BatchNorm means and variances) are averaged in float64 and stored in their
     type; integer ones (BatchNorm's batch counters) are the first input's. All inputs must have the same K and
     width. Returns (model in eval mode on the CPU, info) with info = {"config", "meta", "train_config"}: meta lists
-    each input with its weight and gives the first input's training size and data set; train_config is the first
+    each input with its share and gives the first input's training size and data set; train_config is the first
     input's that has one.
     """
     if len(paths) < 2:
         raise ValueError(f"{len(paths)} model given; averaging needs two or more")
-    weights = check_weights(list(weights), len(paths))
+    shares = check_shares(list(shares), len(paths))
     loaded = [(Path(path), *load_model(path)) for path in paths]
     first_path, first, first_info = loaded[0]
     for path, model, info in loaded[1:]:
@@ -50,7 +50,7 @@ def average_models(paths: list[str | Path], weights: list[float]) -> tuple[DCONe
     averaged = {}
     for key, tensor in states[0].items():
         if tensor.is_floating_point():
-            total = sum(w * state[key].double() for w, state in zip(weights, states))
+            total = sum(w * state[key].double() for w, state in zip(shares, states))
             averaged[key] = total.to(tensor.dtype)
         else:
             averaged[key] = tensor.clone()
@@ -58,8 +58,8 @@ def average_models(paths: list[str | Path], weights: list[float]) -> tuple[DCONe
     model.load_state_dict(averaged, strict=True)
     sizes = [info.get("meta", {}).get("base_size") or (info.get("train_config") or {}).get("base_size")
              for _, _, info in loaded]
-    meta = {"average_of": [{"file": str(path), "weight": w, "weights": info["weights"]}
-                           for (path, _, info), w in zip(loaded, weights)]}
+    meta = {"average_of": [{"file": str(path), "share": w, "weights": info["weights"]}
+                           for (path, _, info), w in zip(loaded, shares)]}
     if sizes[0] is not None:
         meta["base_size"] = sizes[0]
     if first_info.get("meta", {}).get("dataset"):

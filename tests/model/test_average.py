@@ -31,12 +31,12 @@ def test_the_average_is_the_weighted_sum_of_every_float_tensor(tmp_path):
             torch.testing.assert_close(tensor, 0.25 * state_a[key] + 0.75 * state_b[key], rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(tensor, state_a[key]), key                 # the first input's counters
-    assert info["meta"]["average_of"] == [{"file": str(a), "weight": 0.25, "weights": "as saved"},
-                                          {"file": str(b), "weight": 0.75, "weights": "as saved"}]
+    assert info["meta"]["average_of"] == [{"file": str(a), "share": 0.25, "weights": "as saved"},
+                                          {"file": str(b), "share": 0.75, "weights": "as saved"}]
     assert info["meta"]["base_size"] == 128 and info["meta"]["dataset"] == "set1"     # the first input's
 
 
-def test_weights_one_and_zero_give_the_first_model_exactly(tmp_path):
+def test_shares_one_and_zero_give_the_first_model_exactly(tmp_path):
     (a, state_a), (b, _) = _saved(tmp_path, "a.pkl", 1), _saved(tmp_path, "b.pkl", 2)
     model, _ = average_models([a, b], [1, 0])
     assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in state_a.items())
@@ -54,12 +54,12 @@ def test_a_latest_pkl_with_a_moving_average_is_averaged_as_that_average(tmp_path
     assert info["train_config"] == {"lr": 1e-4}
 
 
-@pytest.mark.parametrize("weights, words", [([0.5], "1 weight(s) for 2"), ([0.5, 0.6], "add up to 1.1"),
+@pytest.mark.parametrize("shares, words", [([0.5], "1 share(s) for 2"), ([0.5, 0.6], "add up to 1.1"),
                                             ([1.5, -0.5], "at least 0"), ([float("nan"), 1], "at least 0")])
-def test_weights_that_are_not_a_proper_average_are_refused(tmp_path, weights, words):
+def test_shares_that_are_not_a_proper_average_are_refused(tmp_path, shares, words):
     (a, _), (b, _) = _saved(tmp_path, "a.pkl", 1), _saved(tmp_path, "b.pkl", 2)
     with pytest.raises(ValueError, match=words.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
-        average_models([a, b], weights)
+        average_models([a, b], shares)
 
 
 def test_models_of_different_structure_are_refused_naming_both_files(tmp_path):
@@ -72,19 +72,19 @@ def test_models_of_different_structure_are_refused_naming_both_files(tmp_path):
 def test_the_script_writes_a_checkpoint_that_loads_and_never_replaces_a_file_silently(tmp_path, capsys):
     (a, state_a), (b, state_b) = _saved(tmp_path, "a.pkl", 1), _saved(tmp_path, "b.pkl", 2)
     out = tmp_path / "avg.pkl"
-    assert average_weights.main([str(a), str(b), "--weights", "0.5", "0.5", "--out", str(out)]) == 0
+    assert average_weights.main([str(a), str(b), "--shares", "0.5", "0.5", "--out", str(out)]) == 0
     model, info = load_model(out)
     key = next(k for k, v in state_a.items() if v.is_floating_point())
     torch.testing.assert_close(model.state_dict()[key], (state_a[key] + state_b[key]) / 2)
     assert [item["file"] for item in info["meta"]["average_of"]] == [str(a), str(b)]
     assert f"wrote {out}" in capsys.readouterr().out
     before = out.read_bytes()
-    assert average_weights.main([str(b), str(a), "--weights", "0.5", "0.5", "--out", str(out)]) == 2
+    assert average_weights.main([str(b), str(a), "--shares", "0.5", "0.5", "--out", str(out)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
-    assert average_weights.main([str(a), str(b), "--weights", "0.5", "0.5", "--out", str(a),
+    assert average_weights.main([str(a), str(b), "--shares", "0.5", "0.5", "--out", str(a),
                                  "--overwrite"]) == 2
     assert "is one of the inputs" in capsys.readouterr().err
-    assert average_weights.main([str(a), str(tmp_path / "missing.pkl"), "--weights", "0.5", "0.5",
+    assert average_weights.main([str(a), str(tmp_path / "missing.pkl"), "--shares", "0.5", "0.5",
                                  "--out", str(tmp_path / "other.pkl")]) == 2
     err = capsys.readouterr().err
     assert "missing.pkl" in err and not (tmp_path / "other.pkl").exists()
