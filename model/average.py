@@ -36,7 +36,7 @@ def average_models(paths: list[str | Path], shares: list[float]) -> tuple[DCONet
     input's that has one.
     """
     if len(paths) < 2:
-        raise ValueError(f"{len(paths)} model given; averaging needs two or more")
+        raise ValueError(f"{len(paths)} model(s) given; averaging needs two or more")
     shares = check_shares(list(shares), len(paths))
     loaded = [(Path(path), *load_model(path)) for path in paths]
     first_path, first, first_info = loaded[0]
@@ -56,12 +56,11 @@ def average_models(paths: list[str | Path], shares: list[float]) -> tuple[DCONet
             averaged[key] = tensor.clone()
     model = DCONet(first.config)
     model.load_state_dict(averaged, strict=True)
-    sizes = [info.get("meta", {}).get("base_size") or (info.get("train_config") or {}).get("base_size")
-             for _, _, info in loaded]
     meta = {"average_of": [{"file": str(path), "share": w, "weights": info["weights"]}
                            for (path, _, info), w in zip(loaded, shares)]}
-    if sizes[0] is not None:
-        meta["base_size"] = sizes[0]
+    size = first_info.get("meta", {}).get("base_size") or (first_info.get("train_config") or {}).get("base_size")
+    if size is not None:
+        meta["base_size"] = size
     if first_info.get("meta", {}).get("dataset"):
         meta["dataset"] = first_info["meta"]["dataset"]
     train_config = next((info["train_config"] for _, _, info in loaded if info.get("train_config")), None)
