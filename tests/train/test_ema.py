@@ -53,9 +53,9 @@ def test_a_resumed_run_continues_the_average(data_root, tmp_path, monkeypatch):
 
     real_loss, calls = engine.dconet_loss, []
 
-    def failing_loss(D, T, image, mask, mse_weight):
+    def failing_loss(D, T, image, mask, *weights):
         calls.append(1)
-        loss, parts = real_loss(D, T, image, mask, mse_weight)
+        loss, parts = real_loss(D, T, image, mask, *weights)
         return (loss * float("nan"), parts) if len(calls) == 3 else (loss, parts)    # epoch 2's first step
 
     broken = tmp_path / "broken"

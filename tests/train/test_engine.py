@@ -33,9 +33,9 @@ def _setup(monkeypatch, nan_at: int | None = None):
             items.append(caller)
         return real_item(tensor)
 
-    def loss_with_nan(D, T, image, mask, mse_weight):
+    def loss_with_nan(D, T, image, mask, *weights):
         calls.append(1)
-        loss, parts = real_loss(D, T, image, mask, mse_weight)
+        loss, parts = real_loss(D, T, image, mask, *weights)
         if len(calls) == nan_at:
             loss, parts = loss * float("nan"), {k: v * float("nan") for k, v in parts.items()}
         return loss, parts

@@ -143,9 +143,9 @@ def test_sigkill_then_resume_reaches_the_same_weights(data_root, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
     real_loss, calls = engine.dconet_loss, []
 
-    def failing_loss(D, T, image, mask, mse_weight):
+    def failing_loss(D, T, image, mask, *weights):
         calls.append(1)
-        loss, parts = real_loss(D, T, image, mask, mse_weight)
+        loss, parts = real_loss(D, T, image, mask, *weights)
         return (loss * float("nan"), parts) if len(calls) == 3 else (loss, parts)
 
     monkeypatch.setattr(engine, "dconet_loss", failing_loss)

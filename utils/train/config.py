@@ -79,6 +79,9 @@ class TrainConfig:
                             AUGMENT_MODES)
     model: DCONetConfig = field(default_factory=DCONetConfig)
     mse_weight: float = setting(0.1, "loss = SoftIoU(T, mask) + mse_weight * MSE(D, image)")
+    bce_weight: float = setting(0.0, "> 0: add bce_weight * binary cross-entropy of T against the mask (averaged "
+                                     "over the pixels) to the loss, whose gradient does not vanish where sigmoid(T) "
+                                     "saturates (0: off, as the release)")
     ema: float = setting(0.0, "> 0: also keep an exponential moving average of the weights, updated after every "
                               "step with this decay (0.99: about the last 100 steps), with the BatchNorm statistics "
                               "of the trained weights; validation, best.pkl and so the export use it (0: off, as "
@@ -149,7 +152,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "base_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("crop_size", "save_iter_step", "log_every", "vis_images"):
+        for name in ("crop_size", "save_iter_step", "log_every", "vis_images", "mse_weight", "bce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:

@@ -119,12 +119,13 @@ def read_parts(pending: list[tuple[int, torch.Tensor, float]],
 def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device,
                     scaler: torch.amp.GradScaler | None = None, mse_weight: float = 0.1,
-                    autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo(),
+                    bce_weight: float = 0.0, autocast: Callable = nullcontext, info: dist_utils.DistInfo = dist_utils.DistInfo(),
                     on_step: Callable[[int, dict], None] | None = None,
                     after_update: Callable[[], None] | None = None,
                     read_at: Callable[[int], bool] | None = None,
                     check_each_step: bool | None = None) -> dict[str, float]:
-    """One pass over ``loader``: loss = SoftIoU(T, mask) + mse_weight * MSE(D, image), Adam step, poly step.
+    """One pass over ``loader``: loss = SoftIoU(T, mask) + mse_weight * MSE(D, image) (+ bce_weight * BCE(T,
+    mask), ``dconet_loss``), Adam step, poly step.
 
     The loss parts stay on the device until they are read: after the steps ``read_at(step)`` names (log lines,
     validations; every step when None) and at the epoch's end, all pending steps at once, so that the host
@@ -155,7 +156,7 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
         mask = batch["mask"].to(device, non_blocking=True)
         with autocast():
             D, T = net(image)
-        loss, parts = dconet_loss(D, T, image, mask, mse_weight)
+        loss, parts = dconet_loss(D, T, image, mask, mse_weight, bce_weight)
         if check_each_step and not _all_finite(loss, info):
             raise NonFiniteLoss(loss.item(), steps)
         lr = optimizer.param_groups[0]["lr"]

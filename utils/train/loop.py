@@ -279,12 +279,12 @@ class Trainer:
                 set_loader_epoch(self.loader, p["epoch"])
                 try:
                     stats = train_one_epoch(self.net, self.loader, self.optimizer, self.scheduler, device=self.device,
-                                            scaler=self.scaler, mse_weight=config.mse_weight, info=self.info,
+                                            scaler=self.scaler, mse_weight=config.mse_weight,
+                                            bce_weight=config.bce_weight, info=self.info,
                                             autocast=lambda: autocast_context(self.device, config.runtime.bf16,
                                                                               config.amp, config.amp_dtype),
                                             on_step=self._on_step(epoch, bar, clock),
-                                            after_update=self._after_update(),
-                                            read_at=self._read_at(p["global_step"]))
+                                            after_update=self._after_update(), read_at=self._read_at(p["global_step"]))
                 except NonFiniteLoss as error:
                     raise error.at(epoch, self.run_dir)
                 p["epoch"] = epoch
