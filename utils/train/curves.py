@@ -8,6 +8,7 @@ Two log formats are read, told apart by their lines:
 
 - this project's log.txt (``utils.train.run_dir.RunLog``, lines from ``utils.train.loop``): a training line
   ``epoch 1/15 iter 10/43 (total 10/645) - loss 1.0100 (soft_iou 0.9993, mse 0.10777) - lr 9.874e-04 - ...``
+  (``mse 0.10777, bce 0.00123)`` with ``--bce-weight``; the cross-entropy is not drawn: the total holds it)
   whose global iteration is the "total" count, and a validation line
   ``validation epoch 1/15 iter 43 - mIoU 0.0006, nIoU ..., Fa 1.23e-6, ... - best mIoU ...`` whose "iter" is
   already the global iteration. A "start:" line begins the run afresh; "resumed after epoch E (iteration G)"
@@ -34,7 +35,7 @@ LOSS_PARTS = ("loss", "soft_iou", "mse")
 
 _STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 _PROJECT_TRAIN = re.compile(_STAMP + r"epoch (\d+)/\d+ iter (\d+)/(\d+) \(total (\d+)/\d+\) - loss (\S+) "
-                            r"\(soft_iou (\S+), mse (\S+)\) - lr (\S+)")
+                            r"\(soft_iou (\S+), mse ([^\s,)]+)(?:, bce [^\s)]+)?\) - lr (\S+)")
 _PROJECT_VAL = re.compile(_STAMP + r"validation epoch \d+/\d+ iter (\d+) - (.*?)(?: - best mIoU .*)?$")
 _PROJECT_START = re.compile(_STAMP + r"start: ")
 _PROJECT_RESUMED = re.compile(_STAMP + r"resumed after epoch \d+ \(iteration (\d+)\)")

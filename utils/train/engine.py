@@ -89,7 +89,19 @@ def load_initial_weights(model: DCONet, init: dict, config: TrainConfig) -> str:
             f"{config.model.stage_num}, width {config.model.channels})")
 
 
-PARTS = ("loss", "soft_iou", "mse")     # the loss parts, in the order the engine stacks them
+PARTS = ("loss", "soft_iou", "mse")     # the loss parts, in the order the engine stacks them ("bce" after them
+                                        # when the loss has it: ``loss_parts``)
+
+
+def loss_parts(bce_weight: float = 0.0) -> tuple[str, ...]:
+    """The parts ``dconet_loss`` returns at this ``bce_weight``, in the order the engine stacks them."""
+    return (*PARTS, "bce") if bce_weight else PARTS
+
+
+def describe_parts(parts: dict[str, float]) -> str:
+    """A log line's loss: ``loss 1.0100 (soft_iou 0.9993, mse 0.10777)``, with ``, bce 0.00123`` when present."""
+    bce = f", bce {parts['bce']:.5f}" if "bce" in parts else ""
+    return f"loss {parts['loss']:.4f} (soft_iou {parts['soft_iou']:.4f}, mse {parts['mse']:.5f}{bce})"
 
 
 def _all_finite(loss: torch.Tensor, info: dist_utils.DistInfo) -> bool:
@@ -100,18 +112,18 @@ def _all_finite(loss: torch.Tensor, info: dist_utils.DistInfo) -> bool:
     return not bad.item()
 
 
-def read_parts(pending: list[tuple[int, torch.Tensor, float]],
-               info: dist_utils.DistInfo) -> list[tuple[int, dict[str, float]]]:
+def read_parts(pending: list[tuple[int, torch.Tensor, float]], info: dist_utils.DistInfo,
+               keys: tuple[str, ...] = PARTS) -> list[tuple[int, dict[str, float]]]:
     """The pending steps' loss parts as floats, averaged over the ranks: one all-reduce and one copy to the host
-    for them all. ``pending``: (step, parts stacked as ``PARTS`` (3,), lr used), emptied. Raises
+    for them all. ``pending``: (step, parts stacked as ``keys`` (P,), lr used), emptied. Raises
     ``NonFiniteLoss`` (on every rank) at the first step whose loss is not finite."""
-    rows = dist_utils.mean_over_ranks(info, torch.stack([row for _, row, _ in pending])).cpu()   # (S, 3)
+    rows = dist_utils.mean_over_ranks(info, torch.stack([row for _, row, _ in pending])).cpu()   # (S, P)
     finite = torch.isfinite(rows).all(dim=1).tolist()
     out = []
     for (step, _, lr), values, ok in zip(pending, rows.tolist(), finite):
         if not ok:
             raise NonFiniteLoss(values[0], step)
-        out.append((step, {**dict(zip(PARTS, values)), "lr": lr}))
+        out.append((step, {**dict(zip(keys, values)), "lr": lr}))
     pending.clear()
     return out
 
@@ -134,10 +146,11 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
     non-finite loss raises ``NonFiniteLoss`` (on every rank): with ``check_each_step`` (None: off the GPU paths,
     on the CPU, where reading costs nothing) before it reaches the weights, else at the next read.
     ``after_update()`` runs after every optimizer step (a moving average of the weights, say). Returns the
-    epoch's mean loss parts, the last ``lr`` used and ``iterations``.
+    epoch's mean loss parts (``loss_parts(bce_weight)``), the last ``lr`` used and ``iterations``.
     """
     net.train()
-    sums = dict.fromkeys(PARTS, 0.0)
+    keys = loss_parts(bce_weight)
+    sums = dict.fromkeys(keys, 0.0)
     lr = optimizer.param_groups[0]["lr"]
     steps = 0
     pending: list[tuple[int, torch.Tensor, float]] = []
@@ -145,8 +158,8 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
         check_each_step = not runtime.gpu_paths(device)
 
     def read() -> None:
-        for step, parts in read_parts(pending, info):
-            for key in PARTS:
+        for step, parts in read_parts(pending, info, keys):
+            for key in keys:
                 sums[key] += parts[key]
             if on_step is not None:
                 on_step(step, parts)
@@ -171,7 +184,7 @@ def train_one_epoch(net: torch.nn.Module, loader: DataLoader, optimizer: torch.o
         if after_update is not None:
             after_update()
         scheduler.step()
-        pending.append((steps, torch.stack([parts[key] for key in PARTS]), lr))
+        pending.append((steps, torch.stack([parts[key] for key in keys]), lr))
         if read_at is None or read_at(steps):
             read()
     if pending:

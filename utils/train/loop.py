@@ -23,8 +23,9 @@ from model.batchnorm import synchronise_batchnorm
 from utils.train import distributed as dist_utils
 from utils.train.config import TrainConfig
 from utils.train.ema import WeightAverage
-from utils.train.engine import (autocast_context, evaluate, false_targets, initial_weights, load_initial_weights,
-                                prediction_pictures, train_one_epoch, training_parts, with_initial_model)
+from utils.train.engine import (autocast_context, describe_parts, evaluate, false_targets, initial_weights,
+                                load_initial_weights, loss_parts, prediction_pictures, train_one_epoch,
+                                training_parts, with_initial_model)
 from utils.train.layout import set_memory_format
 from utils.train.run_data import run_data
 from utils.train.run_dir import (NonFiniteLoss, RunLog, TrainingError, format_duration, prepare_run_dir, remove_if_empty, resumed_config,
@@ -225,9 +226,8 @@ class Trainer:
                 left_epoch = (self.iters_per_epoch - step) / rate
                 left_run = (self.total_iterations - p["global_step"]) / rate
                 self.log(f"epoch {epoch}/{config.epochs} iter {step}/{self.iters_per_epoch} (total "
-                         f"{p['global_step']}/{self.total_iterations}) - loss {parts['loss']:.4f} (soft_iou "
-                         f"{parts['soft_iou']:.4f}, mse {parts['mse']:.5f}) - lr {parts['lr']:.3e} - "
-                         f"{rate:.3f} it/s - left: epoch {format_duration(left_epoch)}, run "
+                         f"{p['global_step']}/{self.total_iterations}) - {describe_parts(parts)} - lr "
+                         f"{parts['lr']:.3e} - {rate:.3f} it/s - left: epoch {format_duration(left_epoch)}, run "
                          f"{format_duration(left_run)}" + self._gpu_memory())
             if (config.save_iter_step and p["global_step"] % config.save_iter_step == 0
                     and step < self.iters_per_epoch):
@@ -288,7 +288,7 @@ class Trainer:
                 except NonFiniteLoss as error:
                     raise error.at(epoch, self.run_dir)
                 p["epoch"] = epoch
-                losses = ", ".join(f"{k} {stats[k]:.4f}" for k in ("loss", "soft_iou", "mse"))
+                losses = ", ".join(f"{k} {stats[k]:.4f}" for k in loss_parts(config.bce_weight))
                 self.log(f"epoch {epoch}/{config.epochs} done - {losses} - lr {stats['lr']:.3e} (last used)")
                 self.validate(epoch, epoch_end=True)
                 self._save("latest.pkl")
